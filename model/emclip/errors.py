@@ -16,6 +16,14 @@ class InvalidImageError(EMClipError, ValueError):
     """The image cannot be segmented as given (shape, dtype, values)."""
 
 
+class InsufficientMemoryError(InvalidImageError, MemoryError):
+    """The image (or its results) is too large for the free memory; refused before starting.
+
+    Also a ``MemoryError``, so code that falls back to a lighter way on memory errors (tiles)
+    does so, and a ``ValueError`` whose message says to crop the image or ask fewer prompts.
+    """
+
+
 class InvalidPromptError(EMClipError, ValueError):
     """The prompts are empty, malformed or too many."""
 
@@ -46,3 +54,7 @@ class DatasetError(EMClipError, ValueError):
 
 class Cancelled(EMClipError):
     """Raised inside a long-running call when its ``cancel`` callback returned True."""
+
+
+class InvalidArgumentError(EMClipError, ValueError):
+    """A parameter is outside the values it accepts (threshold, tile size, axis, ...)."""

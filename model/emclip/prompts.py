@@ -13,7 +13,7 @@ import re
 import unicodedata
 from typing import Iterable, Sequence
 
-from .errors import InvalidPromptError
+from .errors import InvalidArgumentError, InvalidPromptError
 
 MAX_PROMPTS = 64
 """At most this many prompts in one call."""
@@ -79,6 +79,11 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
 }
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+_ANSI = re.compile(r"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b]*(?:\x07|\x1b\\)?|[@-Z\\-_])")
+"""Terminal escape sequences (colours, cursor moves, titles) pasted along with text."""
+_INVISIBLE = frozenset(("Cf", "Cs", "Co", "Cn"))
+"""Unicode categories removed from prompts: format (zero-width, bidi overrides, BOM), lone
+surrogates (undecodable bytes of a command line), private use and unassigned code points."""
 _SPLIT = re.compile(r"[,;\n]+")
 
 
@@ -88,6 +93,10 @@ def canonical_modality(modality: str | None) -> str | None:
     Returns None for None/empty input and for modalities we have no templates for (the generic
     templates are used then).
     """
+    if modality is not None and not isinstance(modality, str):
+        raise InvalidArgumentError(
+            f"modality must be text such as 'fundus' or 'cardiac MRI', got {type(modality).__name__}"
+        )
     if not modality:
         return None
     text = modality.strip().lower()
@@ -107,9 +116,15 @@ def canonical_modality(modality: str | None) -> str | None:
 
 
 def clean_prompt(text: str) -> str:
-    """Normalise one prompt: NFKC, control characters removed, whitespace collapsed."""
+    """Normalise one prompt: NFKC, terminal escapes and control characters replaced by spaces,
+    invisible characters (zero-width, bidi controls, lone surrogates, unassigned) removed,
+    whitespace collapsed."""
     if not isinstance(text, str):
         raise InvalidPromptError(f"a prompt must be a string, got {type(text).__name__}")
+    text = _ANSI.sub(" ", text)
+    text = _CONTROL.sub(" ", text)
+    if any(unicodedata.category(c) in _INVISIBLE for c in text):
+        text = "".join(c for c in text if unicodedata.category(c) not in _INVISIBLE)
     text = unicodedata.normalize("NFKC", text)
     text = _CONTROL.sub(" ", text)
     return " ".join(text.split())
@@ -126,8 +141,12 @@ def parse_prompts(prompts: str | Iterable[str], *, max_prompts: int = MAX_PROMPT
     """
     if prompts is None:
         raise InvalidPromptError("no prompt given: type one or more structure names, e.g. 'optic disc, optic cup'")
+    if isinstance(prompts, (bytes, bytearray, memoryview)):
+        raise InvalidPromptError(
+            f"prompts must be text, got {type(prompts).__name__}; decode it first, e.g. prompts.decode('utf-8')"
+        )
     if isinstance(prompts, str):
-        items = _SPLIT.split(prompts)
+        items = _SPLIT.split(_ANSI.sub(" ", prompts))  # escapes first: they contain ';'
     else:
         try:
             items = list(prompts)
@@ -154,7 +173,10 @@ def parse_prompts(prompts: str | Iterable[str], *, max_prompts: int = MAX_PROMPT
     if not out:
         raise InvalidPromptError("the prompt is empty: type one or more structure names, e.g. 'optic disc, optic cup'")
     if len(out) > max_prompts:
-        raise InvalidPromptError(f"{len(out)} prompts given, at most {max_prompts} are allowed in one run")
+        raise InvalidPromptError(
+            f"{len(out)} different prompts given, at most {max_prompts} are allowed in one run; "
+            "split them over several runs"
+        )
     return out
 
 

@@ -1,0 +1,124 @@
+"""Running batches through the network and turning its outputs into arrays on the image grid.
+
+:class:`Runner` knows the model, its normalisation, the prompts and the device;
+:func:`inference_state` puts the model in eval mode for a call and restores it afterwards;
+:class:`Steps` reports progress monotonically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterator, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..callbacks import ProgressCallback, report
+from ..preprocess import unletterbox
+from .model_loading import model_device, model_dtype
+
+
+class Steps:
+    """Monotonic progress reporting whose total may grow (when a retry adds work)."""
+
+    def __init__(self, progress: Optional[ProgressCallback], total: int) -> None:
+        self.progress, self.done, self.total = progress, 0, max(1, int(total))
+        report(progress, 0, self.total)
+
+    def advance(self, n: int = 1) -> None:
+        self.done = min(self.total, self.done + n)
+        report(self.progress, self.done, self.total)
+
+    def extend(self, more: int) -> None:
+        self.total += max(0, int(more))
+
+    def finish(self) -> None:
+        self.done = self.total
+        report(self.progress, self.done, self.total)
+
+
+@contextlib.contextmanager
+def inference_state(net: torch.nn.Module, device: torch.device) -> Iterator[None]:
+    """Eval mode on ``device`` for the duration; training flag and device restored afterwards."""
+    was_training = net.training
+    original = model_device(net)
+    if original != device:
+        net.to(device)
+    net.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        if model_device(net) != original:
+            net.to(original)
+        net.train(was_training)
+
+
+class Runner:
+    """Runs batches through the network; knows the normalisation, prompts and device."""
+
+    def __init__(
+        self,
+        net: torch.nn.Module,
+        device: torch.device,
+        prompts: list[str],
+        modality: Optional[str],
+    ):
+        self.net, self.prompts, self.modality = net, prompts, modality
+        self.size = int(net.image_size)
+        self.dtype = model_dtype(net)
+        self.set_device(device)
+
+    def set_device(self, device: torch.device) -> None:
+        self.device = device
+        if model_device(self.net) != device:
+            self.net.to(device)
+        self.mean = torch.tensor(self.net.pixel_mean, dtype=torch.float32, device=device).view(
+            1, 3, 1, 1
+        )
+        self.std = torch.tensor(self.net.pixel_std, dtype=torch.float32, device=device).view(
+            1, 3, 1, 1
+        )
+
+    def forward(self, boxed: Sequence[np.ndarray]) -> Any:
+        """``boxed``: letterboxed float RGB ``(S, S, 3)`` arrays -> the model's ModelOutput."""
+        x = torch.from_numpy(np.stack(boxed)).to(self.device).permute(0, 3, 1, 2)
+        x = ((x - self.mean) / self.std).to(self.dtype).contiguous()
+        return self.net.predict_logits(x, self.prompts, modality=self.modality)
+
+
+def probabilities(logits: torch.Tensor, geo: Any) -> np.ndarray:
+    """Logits ``[P, S, S]`` -> probabilities ``float32 [P, H, W]`` on the image grid."""
+    return torch.sigmoid(unletterbox(logits.float(), geo)).cpu().numpy()
+
+
+def cluster_labels(resp: Optional[torch.Tensor], geo: Any, out_hw: tuple[int, int]) -> np.ndarray:
+    """Responsibilities ``[K, h, w]`` -> ``int32 [H, W]`` cluster ids 1..K (0 if ``resp`` is None)."""
+    if resp is None:
+        return np.zeros(out_hw, dtype=np.int32)
+    size = geo.size
+    up = F.interpolate(resp[None].float(), size=(size, size), mode="bilinear", align_corners=False)[
+        0
+    ]
+    nh, nw = geo.new_hw
+    crop = up[:, geo.top : geo.top + nh, geo.left : geo.left + nw]
+    small = (crop.argmax(dim=0) + 1).to(torch.int32).cpu().numpy()
+    rows = np.minimum(((np.arange(out_hw[0]) + 0.5) * nh / out_hw[0]).astype(np.int64), nh - 1)
+    cols = np.minimum(((np.arange(out_hw[1]) + 0.5) * nw / out_hw[1]).astype(np.int64), nw - 1)
+    return small[rows[:, None], cols[None, :]]
+
+
+def similarity(out: Any, index: int, n_prompts: int) -> np.ndarray:
+    """``float32 [K, P]`` cosine of the EM bases of image ``index`` with the prompts (``[0, P]``
+    for models without EM)."""
+    sim = getattr(out, "cluster_text_similarity", None)
+    if sim is None:
+        return np.zeros((0, n_prompts), dtype=np.float32)
+    return sim[index, :, :n_prompts].float().cpu().numpy()
+
+
+def responsibilities(out: Any, index: int) -> Optional[torch.Tensor]:
+    """EM soft assignments ``[K, h, w]`` of image ``index``, or None for models without EM."""
+    resp = getattr(out, "responsibilities", None)
+    return None if resp is None else resp[index]

@@ -1,0 +1,224 @@
+""":func:`segment`: one 2D image, in one letterboxed pass or in overlapping tiles."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..callbacks import CancelCallback, ProgressCallback, check_cancel
+from ..preprocess import MIN_SIDE, check_image, check_values, letterbox, to_float_rgb
+from ..preprocess import intensity_range as image_intensity_range
+from ..prompts import parse_prompts
+from ..tiling import TileGrid, batched, tile_grid
+from .model_loading import resolve_model
+from .options import (
+    auto_tile_size,
+    check_batch_size,
+    check_min_area,
+    check_modality,
+    check_threshold,
+)
+from .out_of_memory import Plan, check_result_fits, free_memory, is_oom, next_plan, plan_steps
+from .result import SegmentationResult
+from .runner import (
+    Runner,
+    Steps,
+    cluster_labels,
+    inference_state,
+    probabilities,
+    responsibilities,
+    similarity,
+)
+
+
+def _whole_image(
+    arr: np.ndarray,
+    window: tuple[float, float],
+    runner: Runner,
+    steps: Steps,
+    cancel: Optional[CancelCallback],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One letterboxed pass over the whole image."""
+    hw = arr.shape[:2]
+    boxed, geo = letterbox(to_float_rgb(arr, intensity_range=window), runner.size)
+    steps.advance()
+    check_cancel(cancel)
+    out = runner.forward([boxed])
+    del boxed
+    steps.advance()
+    check_cancel(cancel)
+    probs = probabilities(out.logits[0, : len(runner.prompts)], geo)
+    clusters = cluster_labels(responsibilities(out, 0), geo, hw)
+    return probs, clusters, similarity(out, 0, len(runner.prompts))
+
+
+def _overview(
+    arr: np.ndarray, window: tuple[float, float], runner: Runner
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cluster map and similarity from one low-resolution pass over a (big) image."""
+    hw = arr.shape[:2]
+    step = max(1, max(hw) // (2 * runner.size))
+    # the same stride on both axes, except that a thin side never drops below MIN_SIDE pixels
+    sy, sx = (max(1, min(step, n // MIN_SIDE)) for n in hw)
+    boxed, geo = letterbox(to_float_rgb(arr[::sy, ::sx], intensity_range=window), runner.size)
+    out = runner.forward([boxed])
+    return cluster_labels(responsibilities(out, 0), geo, hw), similarity(
+        out, 0, len(runner.prompts)
+    )
+
+
+def _tiled(
+    arr: np.ndarray,
+    window: tuple[float, float],
+    runner: Runner,
+    grid: TileGrid,
+    batch_size: int,
+    steps: Steps,
+    cancel: Optional[CancelCallback],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Blend tile probabilities into a full-size map; clusters from the overview pass."""
+    hw = arr.shape[:2]
+    clusters, sims = _overview(arr, window, runner)
+    steps.advance()
+    probs = np.zeros((len(runner.prompts),) + tuple(hw), dtype=np.float32)
+    for chunk in batched(list(grid), batch_size):
+        check_cancel(cancel)
+        boxed, geos = [], []
+        for tile in chunk:
+            b, g = letterbox(to_float_rgb(arr[tile.slices], intensity_range=window), runner.size)
+            boxed.append(b)
+            geos.append(g)
+        out = runner.forward(boxed)
+        del boxed
+        for i, (tile, geo) in enumerate(zip(chunk, geos)):
+            p = probabilities(out.logits[i, : len(runner.prompts)], geo)
+            probs[:, tile.y0 : tile.y1, tile.x0 : tile.x1] += p * grid.weights(tile)[None]
+        del out
+        steps.advance()
+    check_cancel(cancel)
+    np.clip(probs, 0.0, 1.0, out=probs)  # blending is convex; clip float rounding only
+    return probs, clusters, sims
+
+
+def run_2d(
+    arr: np.ndarray,
+    window: tuple[float, float],
+    runner: Runner,
+    plan: Plan,
+    steps: Steps,
+    cancel: Optional[CancelCallback],
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, Plan]:
+    """Probabilities, cluster map, similarity of one checked 2D image, and the plan that worked
+    (lighter than ``plan`` if the device ran out of memory)."""
+    hw = arr.shape[:2]
+    while True:
+        failure: Optional[BaseException] = None
+        try:
+            if plan.tile is None:
+                return (*_whole_image(arr, window, runner, steps, cancel), plan)
+            grid = tile_grid(hw, plan.tile)
+            return (*_tiled(arr, window, runner, grid, plan.batch_size, steps, cancel), plan)
+        except (RuntimeError, MemoryError) as exc:
+            if not is_oom(exc):
+                raise
+            failure = exc
+        # outside the except block, so the failed attempt's tensors can be freed
+        free_memory(runner.device)
+        plan = next_plan(plan, runner, failure)
+        failure = None
+        steps.extend(plan_steps(plan, hw))
+
+
+def summarise(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, np.ndarray]:
+    """Threshold ``probs [P, ...]`` into masks; prompts below ``min_area`` get empty masks."""
+    masks = probs > threshold
+    n = probs.shape[0]
+    found = np.zeros(n, dtype=bool)
+    scores = np.zeros(n, dtype=np.float32)
+    areas = np.zeros(n, dtype=np.int64)
+    maxp = np.zeros(n, dtype=np.float32)
+    for i in range(n):
+        maxp[i] = float(probs[i].max()) if probs[i].size else 0.0
+        area = int(np.count_nonzero(masks[i]))
+        if area >= max(1, min_area):
+            found[i], areas[i] = True, area
+            scores[i] = float(probs[i][masks[i]].mean(dtype=np.float64))
+        else:
+            masks[i] = False
+    return {
+        "masks": masks,
+        "found": found,
+        "scores": scores,
+        "areas": areas,
+        "max_probability": maxp,
+    }
+
+
+def segment(
+    image: np.ndarray,
+    prompts: "str | Sequence[str]",
+    model: Any = None,
+    *,
+    modality: Optional[str] = None,
+    threshold: float = 0.5,
+    channel_axis: Optional[int] = None,
+    device: "str | torch.device | None" = None,
+    tile_size: Optional[int] = None,
+    min_area: Optional[int] = None,
+    batch_size: int = 4,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> SegmentationResult:
+    """Segment the structures named by ``prompts`` in a 2D ``image``.
+
+    ``image``: ``(H, W)`` grey, or RGB/RGBA channel-last or channel-first (``channel_axis`` to
+    be explicit), any integer, float or bool dtype. ``prompts``: "optic disc, optic cup" or a
+    list. ``model``: a model instance or anything :func:`load_model` takes (default: the bundled
+    model). ``modality`` picks the prompt templates ("fundus", "cardiac MRI", ...).
+    ``threshold`` (default 0.5) on the probability gives the masks; a prompt whose mask has
+    fewer than ``min_area`` pixels (default: 0.01 % of the image, at least 4) is *not found*:
+    its mask stays empty. ``device``: where to run (default: the model's device, or "auto").
+    ``tile_size``: see :mod:`emclip.inference` (None = automatic, 0 = never). ``batch_size``:
+    tiles per forward pass. ``progress(done, total)`` is called after each step and ``cancel()``
+    polled between steps; it raises :class:`emclip.Cancelled` and returns nothing partial.
+
+    Every problem with the arguments raises an :class:`emclip.EMClipError` that is a
+    ``ValueError`` (image, prompts, options, model path) before any model is loaded, including
+    results too large for the free memory (:class:`emclip.InvalidImageError`).
+    """
+    prompt_list = parse_prompts(prompts)
+    t = check_threshold(threshold)
+    batch = check_batch_size(batch_size)
+    modality = check_modality(modality)
+    arr = check_image(image, channel_axis, values=False)
+    hw = (int(arr.shape[0]), int(arr.shape[1]))
+    area = check_min_area(min_area, hw)
+    check_result_fits(len(prompt_list), hw)
+    check_values(arr)
+    net, dev = resolve_model(model, device)
+    plan = Plan(tile=auto_tile_size(hw, int(net.image_size), tile_size), batch_size=batch)
+    steps = Steps(progress, 2 + plan_steps(plan, hw))
+    check_cancel(cancel)
+    window = image_intensity_range(arr)
+    steps.advance()
+    with inference_state(net, dev):
+        runner = Runner(net, dev, prompt_list, modality)
+        check_cancel(cancel)
+        probs, clusters, sims, used = run_2d(arr, window, runner, plan, steps, cancel)
+        ran_on = str(runner.device)
+    summary = summarise(probs, t, area)
+    steps.finish()
+    return SegmentationResult(
+        prompts=prompt_list,
+        probabilities=probs,
+        cluster_map=clusters,
+        cluster_similarity=sims,
+        threshold=t,
+        min_area=area,
+        tiled=used.tile is not None,
+        device=ran_on,
+        info={"tile_size": used.tile, "intensity_range": window, "modality": modality},
+        **summary,
+    )

@@ -1,0 +1,257 @@
+""":func:`segment_stack`: a 3D stack, slice by slice along one axis, with one intensity window."""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..callbacks import CancelCallback, ProgressCallback, check_cancel
+from ..errors import InvalidArgumentError, InvalidImageError
+from ..preprocess import check_image, check_values, letterbox, robust_range, to_float_rgb
+from ..prompts import parse_prompts
+from .model_loading import resolve_model
+from .options import (
+    auto_tile_size,
+    check_batch_size,
+    check_min_area,
+    check_modality,
+    check_threshold,
+)
+from .out_of_memory import Plan, check_result_fits, free_memory, is_oom, next_plan, plan_steps
+from .result import SegmentationResult
+from .runner import (
+    Runner,
+    Steps,
+    cluster_labels,
+    inference_state,
+    probabilities,
+    responsibilities,
+    similarity,
+)
+from .single_image import run_2d, summarise
+
+
+def _stack_view(
+    volume: np.ndarray, axis: int, channel_axis: Optional[int]
+) -> tuple[np.ndarray, int]:
+    """``(Z, H, W[, C])`` view of ``volume`` and the position of the stack axis among the
+    spatial axes of the input (for putting results back in the input's axis order)."""
+    if isinstance(volume, np.ndarray):
+        vol = volume
+    elif hasattr(volume, "__array__"):
+        vol = np.asarray(volume)
+    else:
+        raise InvalidImageError(f"expected a numpy array (Z, H, W), got {type(volume).__name__}")
+    if vol.ndim == 3:
+        if channel_axis is not None:
+            raise InvalidImageError(
+                f"a 3D array {vol.shape} with channel_axis={channel_axis} is one 2D image; use emclip.segment"
+            )
+        c = None
+    elif vol.ndim == 4:
+        if channel_axis is not None and (
+            isinstance(channel_axis, bool) or not isinstance(channel_axis, (int, np.integer))
+        ):
+            raise InvalidArgumentError(
+                f"channel_axis must be an axis number such as -1 (or None to guess), got {channel_axis!r}"
+            )
+        if channel_axis is None:
+            if vol.shape[-1] not in (1, 3, 4):
+                raise InvalidImageError(
+                    f"cannot tell the channel axis of a 4D array of shape {vol.shape}; pass channel_axis=..."
+                )
+            channel_axis = -1
+        c = channel_axis % 4 if -4 <= channel_axis < 4 else None
+        if c is None:
+            raise InvalidArgumentError(
+                f"channel_axis={channel_axis} is out of range for shape {vol.shape}"
+            )
+    else:
+        hint = "; for a 2D image use emclip.segment" if vol.ndim == 2 else ""
+        raise InvalidImageError(
+            f"expected a stack (Z, H, W) or (Z, H, W, C), got shape {vol.shape}{hint}"
+        )
+    if (
+        isinstance(axis, bool)
+        or not isinstance(axis, (int, np.integer))
+        or not -vol.ndim <= axis < vol.ndim
+    ):
+        raise InvalidArgumentError(
+            f"axis={axis!r} is out of range for a stack of shape {vol.shape}"
+        )
+    a = int(axis) % vol.ndim
+    if c is not None and a == c:
+        raise InvalidArgumentError(
+            f"axis={axis} is the channel axis; pick the axis along which to take slices"
+        )
+    if c is None:
+        view = np.moveaxis(vol, a, 0)
+        pos = a
+    else:
+        view = np.moveaxis(vol, [a, c], [0, 3])
+        pos = a if a < c else a - 1
+    return view, pos
+
+
+def segment_stack(
+    volume: np.ndarray,
+    prompts: "str | Sequence[str]",
+    model: Any = None,
+    *,
+    axis: int = 0,
+    modality: Optional[str] = None,
+    threshold: float = 0.5,
+    channel_axis: Optional[int] = None,
+    device: "str | torch.device | None" = None,
+    tile_size: Optional[int] = None,
+    min_area: Optional[int] = None,
+    batch_size: int = 4,
+    progress: Optional[ProgressCallback] = None,
+    cancel: Optional[CancelCallback] = None,
+) -> SegmentationResult:
+    """Segment a 3D stack slice by slice along ``axis`` (default 0).
+
+    ``volume``: ``(Z, H, W)`` in any axis order, or with a channel axis (``channel_axis``, or a
+    last axis of 1/3/4). One intensity window is computed for the whole volume, so every slice
+    is normalised the same way. ``batch_size`` slices (default 4) share a forward pass; slices
+    needing tiles (see :func:`segment`) are tiled. Result arrays keep the volume's spatial axes
+    in their order (``masks [P, *spatial]``, ``cluster_map [*spatial]``); ``found`` is per
+    prompt over the volume, ``slice_found [Z, P]`` per slice (``min_area`` applies per slice,
+    default 0.01 % of a slice). ``progress(done, total)`` counts slices; ``cancel`` is polled
+    between batches and raises :class:`emclip.Cancelled`. Other arguments as in :func:`segment`.
+    """
+    prompt_list = parse_prompts(prompts)
+    t = check_threshold(threshold)
+    batch = check_batch_size(batch_size)
+    modality = check_modality(modality)
+    view, stack_pos = _stack_view(volume, axis, channel_axis)
+    z = int(view.shape[0])
+    if z == 0:
+        raise InvalidImageError("the stack has no slices")
+    # shape/channel/dtype checks on one slice (each slice is checked again when it runs); the
+    # view is channel-last, never re-guessed (a (3, W, C) slice is not channel-first)
+    cax = -1 if view.ndim == 4 else None
+    first = check_image(view[0], cax, values=False)
+    hw = (int(first.shape[0]), int(first.shape[1]))
+    area = check_min_area(min_area, hw)
+    check_result_fits(len(prompt_list), (z,) + hw)
+    values = view[..., :3] if view.ndim == 4 and view.shape[-1] == 4 else view
+    check_values(values)
+    net, dev = resolve_model(model, device)
+    plan = Plan(
+        tile=auto_tile_size(hw, int(net.image_size), tile_size), batch_size=batch, stack=True
+    )
+    steps = Steps(progress, z)
+    check_cancel(cancel)
+    window = robust_range(values)
+    n = len(prompt_list)
+    probs = np.zeros((n, z) + hw, dtype=np.float32)
+    clusters = np.zeros((z,) + hw, dtype=np.int32)
+    sims: list[np.ndarray] = []
+    with inference_state(net, dev):
+        runner = Runner(net, dev, prompt_list, modality)
+        k = 0
+        while k < z:
+            check_cancel(cancel)
+            if plan.tile is not None:  # big slices: one at a time, tiled
+                quiet = Steps(None, plan_steps(plan, hw))
+                arr = check_image(view[k], cax)
+                p, c, s, plan = run_2d(arr, window, runner, plan, quiet, cancel)
+                probs[:, k], clusters[k] = p, c
+                sims.append(s)
+                k += 1
+                steps.advance()
+                continue
+            idx = list(range(k, min(z, k + plan.batch_size)))
+            failure: Optional[BaseException] = None
+            try:
+                for i, (p, c, s) in zip(idx, _slice_batch(view, idx, window, runner)):
+                    probs[:, i], clusters[i] = p, c
+                    sims.append(s)
+            except (RuntimeError, MemoryError) as exc:
+                if not is_oom(exc):
+                    raise
+                failure = exc
+            if failure is None:
+                k += len(idx)
+                steps.advance(len(idx))
+                continue
+            free_memory(runner.device)
+            plan = next_plan(plan, runner, failure)
+            failure = None
+        ran_on = str(runner.device)
+    check_cancel(cancel)
+    summary = _summarise_stack(probs, t, area)
+    mean_similarity = (
+        np.mean(np.stack(sims), axis=0).astype(np.float32)
+        if sims and sims[0].size
+        else (np.zeros((0, n), dtype=np.float32))
+    )
+    steps.finish()
+    return SegmentationResult(
+        prompts=prompt_list,
+        probabilities=np.moveaxis(probs, 1, 1 + stack_pos),
+        cluster_map=np.moveaxis(clusters, 0, stack_pos),
+        cluster_similarity=mean_similarity,
+        threshold=t,
+        min_area=area,
+        tiled=plan.tile is not None,
+        device=ran_on,
+        stack_axis=stack_pos,
+        info={"tile_size": plan.tile, "intensity_range": window, "modality": modality},
+        **{
+            k: (np.moveaxis(v, 1, 1 + stack_pos) if k == "masks" else v) for k, v in summary.items()
+        },
+    )
+
+
+def _slice_batch(
+    view: np.ndarray, idx: Sequence[int], window: tuple[float, float], runner: Runner
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Probabilities, cluster map and similarity of the slices ``idx``, in one forward pass."""
+    boxed, geos = [], []
+    cax = -1 if view.ndim == 4 else None
+    for i in idx:
+        b, g = letterbox(to_float_rgb(view[i], cax, intensity_range=window), runner.size)
+        boxed.append(b)
+        geos.append(g)
+    out = runner.forward(boxed)
+    del boxed
+    n = len(runner.prompts)
+    hw = geos[0].orig_hw
+    return [
+        (
+            probabilities(out.logits[j, :n], geo),
+            cluster_labels(responsibilities(out, j), geo, hw),
+            similarity(out, j, n),
+        )
+        for j, geo in enumerate(geos)
+    ]
+
+
+def _summarise_stack(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, np.ndarray]:
+    """Per-slice thresholding of ``probs [P, Z, H, W]`` (``min_area`` per slice) + totals."""
+    n, z = probs.shape[:2]
+    masks = np.zeros(probs.shape, dtype=bool)
+    slice_found = np.zeros((z, n), dtype=bool)
+    for k in range(z):
+        s = summarise(probs[:, k], threshold, min_area)
+        masks[:, k] = s["masks"]
+        slice_found[k] = s["found"]
+    found = slice_found.any(axis=0)
+    areas = masks.reshape(n, -1).sum(axis=1).astype(np.int64)
+    scores = np.zeros(n, dtype=np.float32)
+    maxp = probs.reshape(n, -1).max(axis=1).astype(np.float32)
+    for i in range(n):
+        if found[i]:
+            scores[i] = float(probs[i][masks[i]].mean(dtype=np.float64))
+    return {
+        "masks": masks,
+        "found": found,
+        "scores": scores,
+        "areas": areas,
+        "max_probability": maxp,
+        "slice_found": slice_found,
+    }
