@@ -1,0 +1,223 @@
+"""Evaluate a model on dataset folders: Dice, HD95 and ASD per structure and dataset.
+
+The model runs through the inference API (:func:`emclip.inference.segment` per 2D image,
+:func:`emclip.inference.segment_stack` per volume), so the numbers are those a user gets,
+including its thresholding and small-region removal. Prompts are the structure names of each
+dataset.yaml (``prompt_set="names"``) or, to measure prompt robustness, their synonyms
+(``prompt_set="synonyms"``: every synonym is asked in the same pass and the structure's numbers
+average over them; ``by_prompt`` lists the Dice per synonym).
+
+Metrics follow :mod:`emclip.metrics` (empty-mask conventions there): computed per image at the
+image's own resolution (2D datasets) or per case in 3D (volume datasets), then mean and std over
+images. Distances are in mm when every image of a dataset has a known spacing (meta.csv
+``pixel_mm``, NIfTI header), else in pixels (``distance_unit``). A mean over no defined value is
+NaN in the returned dict and ``null`` in the JSON written by :func:`to_json`.
+
+Result shape::
+
+    {"model": "...",
+     "datasets": {"<dataset dir name>": {"n_images": int,
+        "structures": {"optic disc": {"dice": float, "hd95": float, "asd": float,
+                                      "dice_std": float, "hd95_std": float, "asd_std": float,
+                                      "n_images": int, "n_undefined": int,
+                                      "distance_unit": "px" | "mm", "prompts": [...]}, ...}}}}
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .callbacks import CancelCallback, ProgressCallback, check_cancel, report
+from .errors import DatasetError
+from .metrics import compute_metrics, summarise
+
+PROMPT_SETS = ("names", "synonyms")
+
+
+def _prompts_for(spec, prompt_set: str, accepts) -> dict[str, list[str]]:
+    """Structure -> prompts to ask for it."""
+    out: dict[str, list[str]] = {}
+    for name in spec.structure_names:
+        if prompt_set == "names":
+            out[name] = [name]
+        else:
+            syns = [s for s in spec.synonyms_of(name) if accepts(s)]
+            out[name] = syns or [name]
+    return out
+
+
+def _accepts(model) -> Any:
+    from .train.trainer import known_prompt_checker
+
+    ok = known_prompt_checker(model)
+    return ok if ok is not None else (lambda _p: True)
+
+
+def _dataset_key(paths: Sequence[Path]) -> list[str]:
+    names = [p.name for p in paths]
+    return [n if names.count(n) == 1 else f"{p.parent.name}/{p.name}" for n, p in zip(names, paths)]
+
+
+def evaluate(
+    model: Any,
+    datasets: Sequence[str | Path],
+    *,
+    split: str = "test",
+    prompt_set: str = "names",
+    device: Any = None,
+    threshold: float = 0.5,
+    split_seed: int = 0,
+    val_fraction: float = 0.1,
+    test_fraction: float = 0.2,
+    limit: int | None = None,
+    axis: str = "axial",
+    model_name: str | None = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``model`` (instance, checkpoint folder or config name) on dataset folders.
+
+    ``split``: test | val | train | trainval | all, chosen as in training
+    (:func:`emclip.data.splits.split_dataset` with ``split_seed``, ``val_fraction``,
+    ``test_fraction``, defaults 0 / 0.1 / 0.2 as in TrainConfig). ``limit``: at most this many
+    images (cases for volumes) per dataset. ``progress(done, total)`` counts images;
+    ``cancel()`` is polled between images. Returns the dict described in the module docstring.
+    """
+    from .data.folder import open_dataset
+    from .data.splits import split_dataset
+    from .inference import load_model
+
+    if prompt_set not in PROMPT_SETS:
+        raise DatasetError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
+    name = model_name or (str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "name", "model"))
+    net = load_model(model, device if device is not None else "auto") if not hasattr(model, "predict_logits") else model
+    if device is not None:
+        from .device import resolve_device
+
+        net = net.to(resolve_device(device))
+    net.eval()
+    accepts = _accepts(net)
+    paths = [Path(d).expanduser() for d in datasets]
+    keys = _dataset_key(paths)
+    plans = []
+    for path in paths:
+        ds = open_dataset(path, axis=axis)
+        idx = split_dataset(ds, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction).part(split)
+        if ds.spec.kind == "volume":
+            units = sorted({ds.index[i][0] for i in idx})
+        else:
+            units = idx
+        if limit is not None:
+            units = units[:limit]
+        plans.append((ds, units))
+    total = sum(len(u) for _, u in plans)
+    done = 0
+    report(progress, 0, total)
+    results: dict[str, Any] = {}
+    for key, (ds, units) in zip(keys, plans):
+        spec = ds.spec
+        asked = _prompts_for(spec, prompt_set, accepts)
+        flat = list(dict.fromkeys(p for ps in asked.values() for p in ps))
+        rows: dict[str, list[dict[str, float]]] = {s: [] for s in asked}
+        per_prompt: dict[str, list[float]] = {p: [] for p in flat}
+        use_spacing = spec.kind == "volume" or all(ds.spacing_of(i) is not None for i in units)
+        for unit in units:
+            check_cancel(cancel)
+            if spec.kind == "volume":
+                probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold)
+            else:
+                probs_masks, targets, spacing = _run_image(net, ds, unit, flat, threshold)
+            spacing = spacing if use_spacing else None
+            for s_idx, structure in enumerate(spec.structure_names):
+                tgt = targets[s_idx]
+                per_structure = []
+                for prompt in asked[structure]:
+                    pred = probs_masks[flat.index(prompt)]
+                    m = compute_metrics(pred, tgt, spacing)
+                    per_prompt[prompt].append(m["dice"])
+                    per_structure.append(m)
+                rows[structure].append({k: _nanmean([m[k] for m in per_structure]) for k in ("dice", "hd95", "asd")})
+            done += 1
+            report(progress, done, total)
+        unit_name = "mm" if use_spacing and units else "px"
+        structures = {}
+        for structure, vals in rows.items():
+            summary = summarise(vals) if vals else {}
+            summary["distance_unit"] = unit_name
+            summary["prompts"] = asked[structure]
+            if prompt_set == "synonyms":
+                summary["by_prompt"] = {p: (float(np.mean(per_prompt[p])) if per_prompt[p] else math.nan)
+                                        for p in asked[structure]}
+            structures[structure] = summary
+        results[key] = {"n_images": len(units), "structures": structures}
+    return {"model": name, "datasets": results}
+
+
+def _nanmean(values: list[float]) -> float:
+    ok = [v for v in values if math.isfinite(v)]
+    return float(np.mean(ok)) if ok else math.nan
+
+
+def _run_image(net, ds, i: int, prompts: list[str], threshold: float):
+    from .inference import segment
+
+    sample = ds[i]
+    res = segment(sample.image, prompts, net, modality=sample.spec.modality, threshold=threshold)
+    return _by_prompt(res, prompts), sample.structure_masks(), sample.spacing
+
+
+def _run_volume(net, ds, case: str, prompts: list[str], threshold: float):
+    from .inference import segment_stack
+
+    image, labels, ax, zooms = ds.case_volume(case)
+    res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, threshold=threshold)
+    return _by_prompt(res, prompts), ds.spec.structure_masks(labels), tuple(zooms)
+
+
+def _by_prompt(res, prompts: list[str]) -> np.ndarray:
+    """Masks in the order of ``prompts`` (the result's prompts are the cleaned versions)."""
+    got = [p.casefold() for p in res.prompts]
+    return np.stack([res.masks[got.index(" ".join(p.split()).casefold())] for p in prompts])
+
+
+def _nan_to_none(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_nan_to_none(v) for v in value]
+    return value
+
+
+def to_json(results: dict[str, Any]) -> str:
+    """Strict JSON text of ``results``: undefined values (NaN) are written as ``null``."""
+    import json
+
+    return json.dumps(_nan_to_none(results), indent=2, allow_nan=False)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if not math.isfinite(v) else f"{v:.3f}"
+    return str(v)
+
+
+def to_markdown(results: dict[str, Any]) -> str:
+    """A markdown table: one row per dataset and structure (mean ± std)."""
+    lines = [f"Model: `{results['model']}`", "",
+             "| dataset | structure | n | Dice | HD95 | ASD | undefined HD | unit |",
+             "|---|---|---:|---|---|---|---:|---|"]
+    for ds, entry in results["datasets"].items():
+        for structure, m in entry["structures"].items():
+            lines.append(
+                f"| {ds} | {structure} | {m.get('n_images', entry['n_images'])} | "
+                f"{_fmt(m['dice'])} ± {_fmt(m['dice_std'])} | {_fmt(m['hd95'])} ± {_fmt(m['hd95_std'])} | "
+                f"{_fmt(m['asd'])} ± {_fmt(m['asd_std'])} | {m.get('n_undefined', 0)} | {m.get('distance_unit', 'px')} |"
+            )
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,161 @@
+"""Evaluation: JSON shape, geometry through the inference path, synonyms, CLI, real folders."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from emclip.config import ModelConfig
+from emclip.evaluate import evaluate, to_markdown
+from emclip.nn.base import ModelOutput, SegmentationModel
+
+FUNDUS_YAML = """\
+modality: colour fundus photograph
+structures:
+  optic disc: [1, 2]
+  optic cup: [2]
+synonyms:
+  optic disc: [OD]
+  optic cup: [OC]
+"""
+
+
+def _png(path: Path, arr: np.ndarray) -> None:
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(arr).save(path)
+
+
+@pytest.fixture()
+def toy(tmp_path) -> Path:
+    """Images whose intensity *is* the label: 0 background, 128 disc rim, 255 cup; 4 test images."""
+    root = tmp_path / "toy_fundus"
+    root.mkdir()
+    (root / "dataset.yaml").write_text(FUNDUS_YAML)
+    yy, xx = np.mgrid[:60, :90]
+    rows = ["id,official_split"]
+    for i in range(6):
+        r = np.hypot(yy - 30, xx - 30 - 5 * i)
+        lab = np.where(r < 8, 2, np.where(r < 18, 1, 0)).astype(np.uint8)
+        if i == 5:
+            lab[:] = 0  # an image without any structure
+        img = np.array([0, 128, 255], np.uint8)[lab]
+        _png(root / "images" / f"im{i}.png", np.stack([img] * 3, -1))
+        _png(root / "masks" / f"im{i}.png", lab)
+        rows.append(f"im{i},{'train' if i == 0 else 'test'}")
+    (root / "meta.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+class IntensityModel(SegmentationModel):
+    """A 'model' that reads the answer from the intensity (disc >= mid grey, cup = white), to
+    check that evaluation maps predictions back onto the image grid correctly."""
+
+    def __init__(self):
+        super().__init__(ModelConfig(arch="unet", name="intensity", image_size=64, pixel_mean=(0.5, 0.5, 0.5),
+                                     pixel_std=(0.5, 0.5, 0.5), class_names=["optic disc", "optic cup"],
+                                     synonyms={"optic disc": ["OD"], "optic cup": ["OC"]}))
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def class_index(self, prompt: str) -> int:
+        table = {"optic disc": 0, "od": 0, "optic cup": 1, "oc": 1}
+        key = prompt.casefold()
+        if key not in table:
+            from emclip.errors import UnknownPromptError
+
+            raise UnknownPromptError(prompt)
+        return table[key]
+
+    def _predict(self, images, batch, modality):
+        x = images[:, 0] * 0.5 + 0.5
+        maps = torch.stack([(x - 0.25) * 60, (x - 0.75) * 60], 1)
+        idx = torch.tensor([[self.class_index(p) if p else 0 for p in row] for row in batch.names])
+        logits = maps[torch.arange(len(idx))[:, None], idx]
+        return ModelOutput(logits=logits, prompt_mask=batch.mask)
+
+
+def test_json_shape_and_near_perfect_scores(toy):
+    res = evaluate(IntensityModel(), [toy], split="test", model_name="intensity")
+    assert set(res) == {"model", "datasets"} and res["model"] == "intensity"
+    entry = res["datasets"]["toy_fundus"]
+    assert set(entry) == {"n_images", "structures"} and entry["n_images"] == 5
+    assert list(entry["structures"]) == ["optic disc", "optic cup"]
+    for name, m in entry["structures"].items():
+        for key in ("dice", "hd95", "asd", "dice_std", "hd95_std", "asd_std"):
+            assert isinstance(m[key], float), (name, key)
+        assert m["n_images"] == 5 and m["n_undefined"] == 0 and m["distance_unit"] == "px"
+        # geometry through letterbox -> network -> unletterbox is right: near-perfect masks
+        assert m["dice"] > 0.9 and m["hd95"] <= 2.0, (name, m)
+    json.dumps(res, allow_nan=False)  # all numbers finite here
+    md = to_markdown(res)
+    assert "| toy_fundus | optic disc | 5 |" in md
+
+
+def test_synonym_prompt_set_reports_each_synonym(toy):
+    res = evaluate(IntensityModel(), [toy], split="all", prompt_set="synonyms")
+    disc = res["datasets"]["toy_fundus"]["structures"]["optic disc"]
+    assert disc["prompts"] == ["OD"] and set(disc["by_prompt"]) == {"OD"}  # unknown synonyms skipped
+    assert disc["by_prompt"]["OD"] == pytest.approx(disc["dice"])
+    assert res["datasets"]["toy_fundus"]["n_images"] == 6
+
+
+def test_missing_structure_is_counted_not_hidden(toy):
+    class Blind(IntensityModel):
+        def _predict(self, images, batch, modality):
+            out = super()._predict(images, batch, modality)
+            return ModelOutput(logits=torch.full_like(out.logits, -20.0), prompt_mask=out.prompt_mask)
+
+    res = evaluate(Blind(), [toy], split="test")
+    cup = res["datasets"]["toy_fundus"]["structures"]["optic cup"]
+    # 4 images with a cup -> Dice 0 and HD undefined; the empty image -> Dice 1, HD 0
+    assert cup["n_undefined"] == 4 and cup["dice"] == pytest.approx(0.2)
+    assert cup["hd95"] == 0.0
+    disc_only_empty = evaluate(Blind(), [toy], split="test", limit=1)["datasets"]["toy_fundus"]["structures"]["optic disc"]
+    assert math.isnan(disc_only_empty["hd95"]) and disc_only_empty["n_undefined"] == 1
+    from emclip.evaluate import to_json
+
+    assert json.loads(to_json({"model": "m", "datasets": {"t": {"n_images": 1, "structures": {"optic disc": disc_only_empty}}}}))[
+        "datasets"]["t"]["structures"]["optic disc"]["hd95"] is None
+
+
+def test_cli_evaluate_writes_json_and_markdown(toy, tmp_path, capsys):
+    from emclip.checkpoint import save_checkpoint
+    from emclip.cli.main import main
+    from emclip.factory import create_model
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(create_model("tiny"), tmp_path / "tiny_ckpt")
+    out_json, out_md = tmp_path / "r.json", tmp_path / "r.md"
+    code = main(["evaluate", "--model", str(ckpt), "--data", str(toy), "--json", str(out_json),
+                 "--markdown", str(out_md), "--device", "cpu", "--quiet"])
+    assert code == 0
+    res = json.loads(out_json.read_text())
+    st = res["datasets"]["toy_fundus"]["structures"]
+    assert set(st) == {"optic disc", "optic cup"} and 0.0 <= st["optic disc"]["dice"] <= 1.0
+    assert out_md.read_text() == capsys.readouterr().out
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(tmp_path / "nope"), "--quiet"]) == 2
+
+
+@pytest.mark.data
+@pytest.mark.slow
+def test_real_folders_units_and_volumes(shared_data):
+    from emclip.factory import create_model
+
+    torch.manual_seed(0)
+    model = create_model("tiny").eval()
+    res = evaluate(model, [shared_data / "fundus" / "drishti_gs", shared_data / "cardiac" / "mscmr_lge",
+                           shared_data / "brain" / "brats2018_dvn2"], split="test", limit=2, device="cpu")
+    ds = res["datasets"]
+    assert set(ds) == {"drishti_gs", "mscmr_lge", "brats2018_dvn2"}
+    assert ds["drishti_gs"]["structures"]["optic disc"]["distance_unit"] == "px"
+    assert ds["mscmr_lge"]["structures"]["myocardium"]["distance_unit"] == "mm"
+    assert ds["brats2018_dvn2"]["n_images"] == 1  # one held-out case, evaluated in 3D
+    assert ds["brats2018_dvn2"]["structures"]["whole tumour"]["distance_unit"] == "mm"
+    for entry in ds.values():
+        for m in entry["structures"].values():
+            assert 0.0 <= m["dice"] <= 1.0 and (math.isnan(m["hd95"]) or m["hd95"] >= 0)
