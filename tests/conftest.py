@@ -46,3 +46,49 @@ def cpu_default_model():
 
     torch.manual_seed(0)
     return create_model("cpu-default", pretrained=True).eval()
+
+
+# ---------------------------------------------------------------- reliability counts
+# tests/test_reliability_*.py add what they tried to one session-wide Counter; the totals are
+# written to <basetemp>/reliability_counts.json (and $EMCLIP_RELIABILITY_JSON if set) and
+# printed at the end of the run (docs/RELIABILITY.md quotes them).
+
+import json  # noqa: E402
+from collections import Counter  # noqa: E402
+
+_RELIABILITY = pytest.StashKey[Counter]()
+_RELIABILITY_FILE = pytest.StashKey[Path]()
+
+
+@pytest.fixture(scope="session")
+def reliability_counts(request, tmp_path_factory) -> Counter:
+    """Session-wide counters of the reliability tests (``inputs tried``, ``crashes``, ...)."""
+    counts = request.config.stash.setdefault(_RELIABILITY, Counter())
+    yield counts
+    target = tmp_path_factory.getbasetemp() / "reliability_counts.json"
+    totals = {"TOTAL inputs tried": _total_tried(counts)}
+    text = json.dumps({**totals, **dict(sorted(counts.items()))}, indent=2)
+    target.write_text(text, encoding="utf-8")
+    extra = os.environ.get("EMCLIP_RELIABILITY_JSON")
+    if extra:
+        Path(extra).write_text(text, encoding="utf-8")
+    request.config.stash[_RELIABILITY_FILE] = target
+
+
+def _total_tried(counts: Counter) -> int:
+    """Every input tried: the counters whose name ends with "inputs tried"."""
+    return sum(v for k, v in counts.items() if k.endswith("inputs tried"))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    counts = config.stash.get(_RELIABILITY, None)
+    if not counts:
+        return
+    terminalreporter.section("emclip reliability counts")
+    width = max(len(k) for k in counts)
+    for key, value in sorted(counts.items()):
+        terminalreporter.write_line(f"{key:<{width}}  {value}")
+    terminalreporter.write_line(f"{'TOTAL inputs tried':<{width}}  {_total_tried(counts)}")
+    where = config.stash.get(_RELIABILITY_FILE, None)
+    if where is not None:
+        terminalreporter.write_line(f"(written to {where})")
