@@ -105,7 +105,25 @@ def test_efficientnet_lite0_timm_tower():
     assert [tuple(f.shape) for f in feats] == [(1, c, 96 // s, 160 // s) for c, s in zip(enc.out_channels, enc.strides)]
     enc.train()
     sum(f.mean() for f in enc(torch.randn(2, 3, 64, 64))).backward()
-    assert [n for n, p in enc.named_parameters() if p.grad is None] == []
+    # cpu-default freezes the stem and the first 2 stages: no gradient there, one everywhere else
+    frozen = [n for n, p in enc.named_parameters() if not p.requires_grad]
+    assert frozen and all(n.startswith(("visual.trunk.conv_stem", "visual.trunk.bn1", "visual.trunk.blocks.0.",
+                                        "visual.trunk.blocks.1.")) for n in frozen)
+    assert [n for n, p in enc.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.grad is None for n, p in enc.named_parameters() if not p.requires_grad)
+
+
+def test_frozen_stages_keep_their_norms_in_eval_mode():
+    cfg = load_config("cpu-default").image_encoder
+    enc = build_image_encoder(cfg, 64).train()
+    stem_bn = enc.visual.trunk.bn1
+    before = stem_bn.running_mean.clone()
+    enc(torch.randn(2, 3, 64, 64) * 3 + 1)
+    assert not stem_bn.training and torch.equal(stem_bn.running_mean, before)
+    assert enc.visual.trunk.blocks[2].training
+    bad = ImageEncoderConfig(**{**cfg.__dict__, "frozen_stages": 99})
+    with pytest.raises(ConfigError, match="frozen_stages"):
+        build_image_encoder(bad, 64)
 
 
 def test_timm_vit_tower_takes_other_sizes():

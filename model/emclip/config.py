@@ -44,7 +44,11 @@ class ImageEncoderConfig:
     "openai", "hf-hub:org/repo", "local-dir:/path", a weights file, or "seed:efficientnet-lite0".
     ``feature_indices``: ViT blocks to tap (default: 4 evenly spaced, last included) or timm
     feature stages (default: the stages with stride 4..32). ``freeze``: no gradients into the
-    tower (default False).
+    tower (default False). ``frozen_stages``: freeze only the stem and the first N stages/blocks
+    (their norms stay in eval mode; default 0) — low-level pretrained filters are generic, and not
+    back-propagating through the high-resolution stages makes CPU training ~2x faster.
+    ``channels_last``: run the tower in channels-last memory format (faster convolutions on CPU;
+    default False).
     """
 
     open_clip_model: str | None = None
@@ -54,6 +58,8 @@ class ImageEncoderConfig:
     pretrained: str | None = None
     feature_indices: list[int] | None = None
     freeze: bool = False
+    frozen_stages: int = 0
+    channels_last: bool = False
 
 
 @dataclass
@@ -101,7 +107,11 @@ class DecoderConfig:
     ``text_guidance`` False removes the pixel-to-text cross-attention (ablation); the mask head
     still compares pixels with prompts. ``num_layers`` cross-attention blocks of ``num_heads``.
     Mask logit = exp(scale) * cosine + bias, initialised to ``logit_scale_init`` and
-    ``logit_bias_init``.
+    ``logit_bias_init``. ``text_centering`` (default False): subtract a stored mean prompt
+    embedding (set by the trainer from its prompt vocabulary, saved in the checkpoint) and
+    re-normalise before the text adapter. Sentence encoders give near-identical embeddings to
+    "left ventricle" and "right ventricle" (cosine ~0.97); centring removes the shared component
+    so the words that differ dominate.
     """
 
     channels: int = 256
@@ -114,6 +124,7 @@ class DecoderConfig:
     text_adapter: str = "mlp"
     logit_scale_init: float = 10.0
     logit_bias_init: float = -2.0
+    text_centering: bool = False
 
 
 @dataclass

@@ -92,6 +92,9 @@ class TextGuidedPixelDecoder(nn.Module):
             self.em = None
             self.deep_in = conv_norm_act(deep_in, c, 1, act=False)
             clustered = c
+        self.text_centering = bool(cfg.text_centering)
+        if self.text_centering:
+            self.register_buffer("text_center", torch.zeros(text_dim))
         if cfg.text_adapter == "mlp":
             self.text_adapter = nn.Sequential(nn.Linear(text_dim, c), nn.GELU(), nn.Linear(c, c))
         else:
@@ -109,6 +112,13 @@ class TextGuidedPixelDecoder(nn.Module):
         self.deep_logit_scale = nn.Parameter(torch.tensor(math.log(cfg.logit_scale_init)))
         self.deep_logit_bias = nn.Parameter(torch.tensor(float(cfg.logit_bias_init)))
 
+    @torch.no_grad()
+    def set_text_center(self, embeddings: torch.Tensor) -> None:
+        """Store the mean of ``embeddings [N, D]`` (the run's prompt vocabulary) as the centre."""
+        if not self.text_centering:
+            raise ValueError("set_text_center needs decoder.text_centering: true in the model config")
+        self.text_center.copy_(embeddings.float().mean(0).to(self.text_center.dtype))
+
     @property
     def output_stride(self) -> int:
         return self.strides[0]
@@ -117,12 +127,16 @@ class TextGuidedPixelDecoder(nn.Module):
     def _scores(pixels: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         pixels = F.normalize(pixels, dim=1)
         text = F.normalize(text, dim=-1)
-        return log_scale.exp().clamp(max=100.0) * torch.einsum("bchw,bpc->bphw", pixels, text) + bias
+        scores = log_scale.exp().clamp(max=100.0) * torch.einsum("bchw,bpc->bphw", pixels, text) + bias
+        return scores.contiguous()  # channels-last pixels would give prompt-innermost strides
 
     def forward(self, feats: list[torch.Tensor], text: torch.Tensor, prompt_mask: torch.Tensor) -> DecoderOutput:
         """``feats`` finest first; ``text [B, P, D]``; ``prompt_mask [B, P]`` True for real prompts."""
         weight = self.text_head.weight
-        t = self.text_adapter(text.to(weight.dtype))
+        text = text.to(weight.dtype)
+        if self.text_centering:
+            text = F.normalize(text - self.text_center.to(weight.dtype), dim=-1)
+        t = self.text_adapter(text)
         deep = feats[-1]
         if self.em is not None:
             em_out = self.em(deep)
