@@ -278,11 +278,6 @@ def test_a_config_with_absurd_sizes_is_a_checkpoint_error(saved, tmp_path):
         load_checkpoint(folder)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="checkpoint.py (network helper): checksums.json may name files "
-    "outside the checkpoint folder, which are then read; see the report",
-)
 def test_checksums_cannot_point_outside_the_checkpoint(saved, tmp_path):
     folder = _copy(saved, tmp_path)
     outside = tmp_path / "secret.txt"
@@ -297,9 +292,6 @@ def test_checksums_cannot_point_outside_the_checkpoint(saved, tmp_path):
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX permissions")
-@pytest.mark.xfail(strict=True, reason="checkpoint.py (network helper): save_checkpoint builds the folder "
-                   "with tempfile.mkdtemp, so it ends up mode 0700 whatever the umask: other users (and "
-                   "an installed bundled model) cannot read it; see the report")
 def test_a_saved_checkpoint_is_readable_by_others_as_the_umask_allows(tiny_model, tmp_path):
     old = os.umask(0o022)
     try:

@@ -94,6 +94,7 @@ def save_checkpoint(model: Any, folder: str | Path, *, dtype: torch.dtype = torc
             text_encoder.save_text_files(tmp / TEXT_DIR)
         sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / CHECKSUMS_NAME).write_text(json.dumps({"algorithm": "sha256", "files": sums}, indent=2), encoding="utf-8")
+        _apply_umask(tmp)
         if folder.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
             os.replace(folder, old / "ckpt")
@@ -108,6 +109,14 @@ def save_checkpoint(model: Any, folder: str | Path, *, dtype: torch.dtype = torc
 
 
 save_model = save_checkpoint
+
+
+def _apply_umask(root: Path) -> None:
+    """Give ``root`` and everything in it the modes the umask allows (mkdtemp makes 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for p in [root, *root.rglob("*")]:
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~umask)
 
 
 def _refuse_pickle(path: Path) -> None:
@@ -127,8 +136,13 @@ def verify_checksums(folder: Path) -> None:
         listed = json.loads(path.read_text(encoding="utf-8"))["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise CheckpointError(f"{path} is not a valid checksum file") from exc
+    root = folder.resolve()
     for name, expected in listed.items():
         target = folder / name
+        if not target.resolve().is_relative_to(root):
+            raise CheckpointError(
+                f"{path} lists {name!r}, which is outside the checkpoint folder; the checkpoint was tampered with"
+            )
         if not target.is_file():
             raise CheckpointError(f"checkpoint {folder} is incomplete: {name} is listed in {CHECKSUMS_NAME} but missing")
         if sha256_file(target) != expected:
