@@ -308,6 +308,7 @@ def test_subprocess_segment_end_to_end(images):
         "-q",
         "--device",
         "cpu",
+        "--no-coarse-to-fine",
     )
     assert ok.returncode == 0, ok.stderr
     assert read_mask_tiff(images / "o" / "fundus_masks.tif").prompts == ["optic disc"]

@@ -18,8 +18,9 @@ import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 NAME = "segment"
 
@@ -30,7 +31,7 @@ EXAMPLES = """examples:
 """
 
 
-def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         NAME,
         help="segment images by text prompts (writes mask TIFFs and overlay PNGs)",
@@ -114,6 +115,15 @@ def add_parser(subparsers: "argparse._SubParsersAction") -> argparse.ArgumentPar
         help="axis holding the colour channels (default: guessed: a last or first axis of 1, 3 or 4)",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    parser.add_argument(
+        "--no-coarse-to-fine",
+        dest="coarse_to_fine",
+        action="store_const",
+        const=False,
+        default=None,
+        help="never crop around the optic disc of a whole fundus photograph (default: automatic "
+        "for optic disc/cup/rim prompts)",
+    )
     parser.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     parser.add_argument(
         "--trust-pickle",
@@ -232,7 +242,7 @@ def _sigint_cancels() -> Iterator[Callable[[], bool]]:
         yield lambda: state["cancelled"]
         return
 
-    def handler(signum, frame):  # noqa: ANN001
+    def handler(signum, frame):
         if state["cancelled"]:
             raise KeyboardInterrupt
         state["cancelled"] = True
@@ -381,7 +391,7 @@ def _segment_file(
         if _is_stack(image, args.axis, args.channel_axis):
             result = segment_stack(image, prompts, model, axis=axis, **options)
         else:
-            result = segment(image, prompts, model, **options)
+            result = segment(image, prompts, model, coarse_to_fine=args.coarse_to_fine, **options)
     finally:
         steps.close()
     mask_path, *overlay_path = output_paths(path, out_dir, not args.no_overlay)

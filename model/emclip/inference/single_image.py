@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -38,7 +39,7 @@ def _whole_image(
     window: tuple[float, float],
     runner: Runner,
     steps: Steps,
-    cancel: Optional[CancelCallback],
+    cancel: CancelCallback | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One letterboxed pass over the whole image."""
     hw = arr.shape[:2]
@@ -76,7 +77,7 @@ def _tiled(
     grid: TileGrid,
     batch_size: int,
     steps: Steps,
-    cancel: Optional[CancelCallback],
+    cancel: CancelCallback | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Blend tile probabilities into a full-size map; clusters from the overview pass."""
     hw = arr.shape[:2]
@@ -108,13 +109,13 @@ def run_2d(
     runner: Runner,
     plan: Plan,
     steps: Steps,
-    cancel: Optional[CancelCallback],
+    cancel: CancelCallback | None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, Plan]:
     """Probabilities, cluster map, similarity of one checked 2D image, and the plan that worked
     (lighter than ``plan`` if the device ran out of memory)."""
     hw = arr.shape[:2]
     while True:
-        failure: Optional[BaseException] = None
+        failure: BaseException | None = None
         try:
             if plan.tile is None:
                 return (*_whole_image(arr, window, runner, steps, cancel), plan)
@@ -158,18 +159,19 @@ def summarise(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, n
 
 def segment(
     image: np.ndarray,
-    prompts: "str | Sequence[str]",
+    prompts: str | Sequence[str],
     model: Any = None,
     *,
-    modality: Optional[str] = None,
+    modality: str | None = None,
     threshold: float = 0.5,
-    channel_axis: Optional[int] = None,
-    device: "str | torch.device | None" = None,
-    tile_size: Optional[int] = None,
-    min_area: Optional[int] = None,
+    channel_axis: int | None = None,
+    device: str | torch.device | None = None,
+    tile_size: int | None = None,
+    min_area: int | None = None,
     batch_size: int = 4,
-    progress: Optional[ProgressCallback] = None,
-    cancel: Optional[CancelCallback] = None,
+    progress: ProgressCallback | None = None,
+    cancel: CancelCallback | None = None,
+    coarse_to_fine: bool | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in a 2D ``image``.
 
@@ -183,6 +185,10 @@ def segment(
     ``tile_size``: see :mod:`emclip.inference` (None = automatic, 0 = never). ``batch_size``:
     tiles per forward pass. ``progress(done, total)`` is called after each step and ``cancel()``
     polled between steps; it raises :class:`emclip.Cancelled` and returns nothing partial.
+    ``coarse_to_fine`` (whole fundus photographs, :mod:`emclip.fundus`): None (auto) = for
+    optic disc/cup/rim prompts with modality None or fundus, locate the disc, segment a crop
+    around it at full resolution and paste back (ROI crops get the plain result); True = always
+    crop around the disc; False = never.
 
     Every problem with the arguments raises an :class:`emclip.EMClipError` that is a
     ``ValueError`` (image, prompts, options, model path) before any model is loaded, including
@@ -197,6 +203,15 @@ def segment(
     area = check_min_area(min_area, hw)
     check_result_fits(len(prompt_list), hw)
     check_values(arr)
+    from .. import fundus  # lazy: fundus imports emclip.inference lazily too, so no cycle
+
+    if fundus.should_use_coarse_to_fine(modality, prompt_list, coarse_to_fine):
+        return fundus.segment_fundus(
+            image, prompt_list, model, modality=modality, threshold=threshold,
+            channel_axis=channel_axis, device=device, tile_size=tile_size, min_area=min_area,
+            batch_size=batch_size, whole_photograph=True if coarse_to_fine else None,
+            progress=progress, cancel=cancel,
+        )
     net, dev = resolve_model(model, device)
     plan = Plan(tile=auto_tile_size(hw, int(net.image_size), tile_size), batch_size=batch)
     steps = Steps(progress, 2 + plan_steps(plan, hw))
