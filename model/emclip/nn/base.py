@@ -91,7 +91,10 @@ def validate_images(images: Any, *, size_divisor: int = 1, check_finite: bool = 
             f"image size {h}x{w} is not a multiple of {size_divisor}; resize or pad it to e.g. {nh}x{nw} "
             "(emclip.segment and emclip.preprocess do this for you)"
         )
-    if check_finite and not bool(torch.isfinite(images).all()):
+    # One reduction decides in the usual case: a NaN or infinity anywhere makes the sum non-finite.
+    # Only a non-finite sum (which huge finite values can also give) needs the element-wise test.
+    wide = torch.float32 if images.dtype in (torch.float16, torch.bfloat16) else None
+    if check_finite and not bool(torch.isfinite(images.sum(dtype=wide))) and not bool(torch.isfinite(images).all()):
         raise InvalidImageError("images contain NaN or infinite values; replace them (e.g. torch.nan_to_num) before segmenting")
 
 

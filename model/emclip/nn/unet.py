@@ -118,7 +118,7 @@ class UNet(SegmentationModel):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         validate_images(images, size_divisor=self.size_divisor)
         feats = self.encoder(images)
-        x = self.head(self.decoder(feats))
+        x = self.head(self.decoder(feats)).contiguous()  # channels-last encoders: back to NCHW (few channels)
         if x.shape[-2:] != images.shape[-2:]:
             x = F.interpolate(x, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return x
