@@ -492,7 +492,7 @@ def test_segment_hands_fundus_prompts_to_coarse_to_fine_without_recursing(oracle
 
     monkeypatch.setattr(inference, "segment", spy)
     img, disc, _ = photo(300, 400, 150, 120, 25)
-    res = real(img, "optic disc, optic cup", oracle.model)
+    res = real(img, "optic disc, optic cup", oracle.model, coarse_to_fine=True)
     assert seen == [False, False]  # the locate and the crop passes, both plain
     assert res.info["coarse_to_fine"]["used"] and dice(res.masks[0], disc) > 0.95
     off = real(img, "optic disc", oracle.model, coarse_to_fine=False)

@@ -311,6 +311,13 @@ def _resolve(model: Any, device: Any) -> Any:
     return load_model(model, device if device is not None else "auto")
 
 
+AUTO_MIN_SIDE = 128
+"""``segment(coarse_to_fine=None)`` considers coarse-to-fine only for images at least this short side..."""
+
+AUTO_MIN_LONG_SIDE = 768
+"""... and this long side (whole photographs; 512 px ROI crops and thumbnails keep one pass)."""
+
+
 def _plain_segment(image: np.ndarray, prompts: Sequence[str], model: Any, **kwargs: Any) -> Any:
     """:func:`emclip.inference.segment` without coarse-to-fine (no recursion once hooked)."""
     from .inference import segment

@@ -186,9 +186,10 @@ def segment(
     tiles per forward pass. ``progress(done, total)`` is called after each step and ``cancel()``
     polled between steps; it raises :class:`emclip.Cancelled` and returns nothing partial.
     ``coarse_to_fine`` (whole fundus photographs, :mod:`emclip.fundus`): None (auto) = for
-    optic disc/cup/rim prompts with modality None or fundus, locate the disc, segment a crop
-    around it at full resolution and paste back (ROI crops get the plain result); True = always
-    crop around the disc; False = never.
+    optic disc/cup/rim prompts with modality None or fundus on images of at least
+    ``fundus.AUTO_MIN_LONG_SIDE`` (768) x ``fundus.AUTO_MIN_SIDE`` (128) pixels, locate the disc,
+    segment a crop around it at full resolution and paste back (ROI crops get the plain
+    result); True = always crop around the disc; False = never.
 
     Every problem with the arguments raises an :class:`emclip.EMClipError` that is a
     ``ValueError`` (image, prompts, options, model path) before any model is loaded, including
@@ -205,7 +206,9 @@ def segment(
     check_values(arr)
     from .. import fundus  # lazy: fundus imports emclip.inference lazily too, so no cycle
 
-    if fundus.should_use_coarse_to_fine(modality, prompt_list, coarse_to_fine):
+    # auto mode only for images the size of whole photographs (ROI crops and thumbnails skip it)
+    big_enough = min(hw) >= fundus.AUTO_MIN_SIDE and max(hw) >= fundus.AUTO_MIN_LONG_SIDE
+    if (coarse_to_fine or big_enough) and fundus.should_use_coarse_to_fine(modality, prompt_list, coarse_to_fine):
         return fundus.segment_fundus(
             image, prompt_list, model, modality=modality, threshold=threshold,
             channel_axis=channel_axis, device=device, tile_size=tile_size, min_area=min_area,
