@@ -111,7 +111,7 @@ def main() -> None:
             default_info = res.info.get("coarse_to_fine")
             seg["emclip default (auto coarse-to-fine)"] = lambda: emclip.segment(
                 image, prompts, model=emclip_model, modality=modality, device="cpu")
-        except Exception as exc:  # the default path must not stop the benchmark: record why
+        except Exception as exc:  # noqa: BLE001 - a failing default path must not stop the benchmark
             default_info = {"failed": f"{type(exc).__name__}: {exc}"}
             print(f"default (coarse-to-fine) call failed, not timed: {default_info['failed']}")
     seg_res = common.interleaved(seg, rounds, warmup, baseline="emclip (cpu-default)")

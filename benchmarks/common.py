@@ -11,6 +11,7 @@ machine hit every variant alike. ``--quick`` shrinks sizes and repeats for smoke
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -47,8 +48,8 @@ def parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per variant (default: per benchmark)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up calls per variant (default 3)")
     p.add_argument("--quick", action="store_true", help="tiny sizes and repeats: a smoke test, numbers meaningless")
-    p.add_argument("--model", default=None, help="checkpoint folder to time (default: %s if it exists, "
-                   "else create_model('cpu-default', pretrained=True))" % TRAINED_CHECKPOINT)
+    p.add_argument("--model", default=None, help=f"checkpoint folder to time (default: {TRAINED_CHECKPOINT} if it "
+                   "exists, else create_model('cpu-default', pretrained=True))")
     p.add_argument("--out", type=Path, default=None, help="JSON result path (default benchmarks/results/<name>.json)")
     return p
 
@@ -87,7 +88,7 @@ def training_running() -> bool:
             argv = (proc / "cmdline").read_bytes().split(b"\0")
         except OSError:
             continue
-        for a, b in zip(argv, argv[1:]):
+        for a, b in itertools.pairwise(argv):
             if (a == b"emclip" or a.endswith(b"/emclip")) and b == b"train":
                 return True
     return False
@@ -296,7 +297,7 @@ def matmul_peak(sizes: Sequence[int] = (1024, 2048), repeats: int = 7, dtype: st
         a = torch.randn(n, n, dtype=dt)
         b = torch.randn(n, n, dtype=dt)
         c = torch.empty(n, n, dtype=dt)
-        s = timeit(lambda: torch.mm(a, b, out=c), repeats=repeats, warmup=2)
+        s = timeit(lambda a=a, b=b, c=c: torch.mm(a, b, out=c), repeats=repeats, warmup=2)
         flops = 2.0 * n**3
         rate = flops / s["median"]
         best_rate = flops / s["min"]
