@@ -244,7 +244,10 @@ def _load_pickle(path: Path, trust_pickle: bool, device: Any):
     from .device import resolve_device
     from .nn.base import SegmentationModel
 
-    obj = torch.load(str(path), map_location="cpu", weights_only=False)
+    try:  # a plain state dict loads with the restricted unpickler; only whole models need more
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception:
+        obj = torch.load(str(path), map_location="cpu", weights_only=False)  # trust_pickle=True only
     if isinstance(obj, SegmentationModel):
         return obj.to(resolve_device(device)).eval()
     if not isinstance(obj, dict):
