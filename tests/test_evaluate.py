@@ -123,6 +123,41 @@ def test_missing_structure_is_counted_not_hidden(toy):
         "datasets"]["t"]["structures"]["optic disc"]["hd95"] is None
 
 
+@pytest.mark.parametrize("limit", [0, -1, 1.5, True, "3"])
+def test_a_limit_below_one_is_refused_before_the_model_runs(toy, limit):
+    from emclip.errors import InvalidArgumentError
+
+    with pytest.raises(InvalidArgumentError, match="limit must be a whole number >= 1"):
+        evaluate(IntensityModel(), [toy], split="test", limit=limit)
+
+
+def test_an_empty_split_is_a_dataset_error_saying_what_to_do(toy):
+    from emclip.errors import DatasetError
+
+    (toy / "meta.csv").write_text("id,official_split\n" + "".join(f"im{i},train\n" for i in range(6)))
+    with pytest.raises(DatasetError, match=r"'test' split has no images \(images per split: train 5, val 1, test 0\)"):
+        evaluate("no-such-model-is-loaded", [toy], split="test")  # refused before loading the model
+    assert evaluate(IntensityModel(), [toy], split="all")["datasets"]["toy_fundus"]["n_images"] == 6
+
+
+def test_an_image_segment_refuses_is_named_with_its_type_kept(toy):
+    from emclip.errors import InvalidImageError
+
+    _png(toy / "images" / "im3.png", np.zeros((4, 4, 3), np.uint8))
+    _png(toy / "masks" / "im3.png", np.zeros((4, 4), np.uint8))
+    with pytest.raises(InvalidImageError) as info:
+        evaluate(IntensityModel(), [toy], split="test")
+    text = str(info.value)
+    assert str(toy / "images" / "im3.png") in text and "8x8" in text and "remove this image" in text
+
+
+def test_structure_names_are_matched_as_cleaned_prompts(toy):
+    """A name that cleaning changes (NFKC: full-width letters, a tab) still finds its mask."""
+    (toy / "dataset.yaml").write_text("structures:\n  \"optic\\tdisc\": [1, 2]\n  ｏｐｔｉｃ cup: [2]\n")
+    entry = evaluate(IntensityModel(), [toy], split="test")["datasets"]["toy_fundus"]["structures"]
+    assert [m["dice"] > 0.9 for m in entry.values()] == [True, True], entry
+
+
 def test_cli_evaluate_writes_json_and_markdown(toy, tmp_path, capsys):
     from emclip.checkpoint import save_checkpoint
     from emclip.cli.main import main

@@ -568,3 +568,34 @@ def test_trained_model_finds_disc_in_skimage_retina(trained):
     loc = fundus.locate_optic_disc(img, trained)
     assert loc is not None and is_whole_photograph(loc)
     assert abs(loc.center[0] - 640) < 80 and abs(loc.center[1] - 225) < 80
+
+
+@pytest.mark.parametrize("options, words", [({"batch_size": 0}, "batch_size"), ({"crop_ratio": 0.5}, "crop_ratio")])
+def test_segment_fundus_checks_its_arguments_before_loading_a_model(options, words):
+    from emclip.errors import InvalidArgumentError
+
+    image = np.zeros((64, 96, 3), np.uint8)
+    with pytest.raises(InvalidArgumentError, match=words):  # not the CheckpointError of the model name
+        fundus.segment_fundus(image, "optic disc", "/no/such/model", **options)
+
+
+def test_locate_optic_disc_and_segment_fundus_share_one_locating_pass(monkeypatch):
+    """Both run the same low-resolution pass: same shrunk input, the disc prompt added once."""
+    calls = []
+    real = fundus._plain_segment
+
+    def spy(image, prompts, model, **kwargs):
+        calls.append((image.shape, list(prompts), kwargs["tile_size"], kwargs["min_area"]))
+        return real(image, prompts, model, **kwargs)
+
+    monkeypatch.setattr(fundus, "_plain_segment", spy)
+    from emclip.inference import load_model
+
+    net = load_model("tiny", "cpu")
+    image = np.random.default_rng(0).integers(0, 255, (600, 900, 3), np.uint8)
+    fundus.locate_optic_disc(image, net)
+    fundus.segment_fundus(image, "optic cup, optic disc", net, whole_photograph=False)
+    side = fundus.LOCATE_SIDE_FACTOR * net.image_size
+    assert calls[0][1] == ["optic disc"] and calls[1][1] == ["optic cup", "optic disc"]
+    assert calls[0][0] == calls[1][0] and max(calls[0][0][:2]) <= side
+    assert calls[0][2:] == calls[1][2:] == (0, 0)  # single pass, no minimum area on the shrunk image

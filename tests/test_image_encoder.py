@@ -166,3 +166,27 @@ def test_bad_feature_indices_and_vision_cfg_raise_config_error():
         build_image_encoder(ImageEncoderConfig(vision_cfg={"layerz": 2}), 64)
     with pytest.raises(ConfigError, match="open_clip_model"):
         build_image_encoder(ImageEncoderConfig(open_clip_model="ViT-Q-99"), 64)
+
+
+def test_tower_weights_that_do_not_fit_name_the_keys_and_the_section():
+    """Both encoders load tower weights through emclip.nn.towers: extra keys are ignored, a
+    missing or reshaped tower weight is one PretrainedWeightsUnavailable naming what."""
+    from emclip.nn.text_encoder import build_text_encoder
+
+    enc = tiny_vit()
+    good = {k: v.clone() + 1 for k, v in enc.visual.state_dict().items()}
+    enc.load_tower_state_dict({**good, "head.extra": torch.zeros(1)}, "good.safetensors")
+    key = next(iter(good))
+    assert torch.equal(enc.visual.state_dict()[key], good[key])
+    missing = dict(good)
+    del missing[key]
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"image tower weights from a\.bin do not fit this "
+                       r"image_encoder config \(missing 1: .*; check open_clip_model"):
+        enc.load_tower_state_dict(missing, "a.bin")
+    text = build_text_encoder(load_config("tiny").text_encoder)
+    own = text.tower.state_dict()
+    name = next(k for k, v in own.items() if v.ndim == 2)
+    reshaped = {**own, name: torch.zeros(3, 3)}
+    with pytest.raises(PretrainedWeightsUnavailable, match=r"text tower weights from b do not fit this "
+                       r"text_encoder config \(shape mismatch: .*\(3, 3\)"):
+        text.load_tower_state_dict(reshaped, "b")

@@ -647,11 +647,6 @@ def test_train_bad_dataset_exits_2_with_one_line(counts, tmp_path, case):
     assert not (tmp_path / "run" / "last.json").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate.py (training backend): errors raised by segment() "
-    "for one image do not name the image file; see the reliability report",
-)
 def test_evaluate_names_the_image_that_cannot_be_segmented(ckpt, counts, tmp_path):
     root = make_dataset(tmp_path / "ds")
     _write(root / "images/im1.png", png_bytes(np.zeros((4, 4), np.uint8)))
@@ -659,38 +654,52 @@ def test_evaluate_names_the_image_that_cannot_be_segmented(ckpt, counts, tmp_pat
     code, stdout, err = run_cli(
         "evaluate", "--model", ckpt, "--data", root, "--split", "all", "--quiet"
     )
-    assert code == 2 and "im1.png" in error_line(err)
+    assert classify("cli evaluate: named bad datasets", code, stdout, err, 0, counts) == "error"
+    line = error_line(err)
+    assert "im1.png" in line and "4x4" in line and "8x8" in line  # which image, what, how to fix
+    assert "replace or remove" in line and not stdout
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate.py / data/format.py (training backend): a structure "
-    "name that is not a usable prompt gives \"'...' is not in list\"; see the report",
+@pytest.mark.parametrize(
+    "yaml_text, words",
+    [
+        ('structures:\n  "\\x00\\x1b": [1]\n  optic cup: [2]\n', "no visible characters"),
+        ('structures:\n  "\\u200b\\u200d": [1]\n  optic cup: [2]\n', "no visible characters"),
+        ("structures:\n  Optic Cup: [1]\n  optic cup: [2]\n", "same prompt"),
+        (f"structures:\n  {'x' * 300}: [1]\n", "characters long"),
+    ],
 )
-def test_evaluate_explains_a_structure_name_that_is_not_a_prompt(ckpt, counts, tmp_path):
-    root = make_dataset(
-        tmp_path / "ds", yaml_text='structures:\n  "\\x00\\x1b": [1]\n  optic cup: [2]\n'
-    )
+def test_evaluate_explains_a_structure_name_that_is_not_a_prompt(ckpt, counts, tmp_path, yaml_text, words):
+    root = make_dataset(tmp_path / "ds", yaml_text=yaml_text)
     code, stdout, err = run_cli(
         "evaluate", "--model", ckpt, "--data", root, "--split", "all", "--quiet"
     )
-    assert code == 2
-    assert "dataset.yaml" in error_line(err)
+    assert classify("cli evaluate: named bad datasets", code, stdout, err, 0, counts) == "error"
+    line = error_line(err)
+    assert "dataset.yaml" in line and words in line
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="evaluate.py (training backend): a split with no images "
-    "raises KeyError 'dice' (exit 1, 'unexpected'); see the reliability report",
-)
 def test_evaluate_reports_an_empty_split(ckpt, counts, tmp_path):
     root = make_dataset(tmp_path / "ds", n=1)  # one image: the test split is empty
     code, stdout, err = run_cli(
-        "evaluate", "--model", ckpt, "--data", root, "--split", "test", "--quiet"
+        "evaluate", "--model", ckpt, "--data", root, "--split", "test", "--quiet",
+        "--json", tmp_path / "r.json",
     )
-    assert code in (0, 2)
-    if code == 2:
-        assert "split" in error_line(err)
+    assert classify("cli evaluate: named bad datasets", code, stdout, err, 0, counts) == "error"
+    line = error_line(err)
+    assert "'test' split has no images" in line and "--split all" in line and "test 0" in line
+    assert not (tmp_path / "r.json").exists() and not stdout
+
+
+@pytest.mark.parametrize("limit", ["-1", "0", "two", "1.5"])
+def test_evaluate_refuses_a_limit_below_one(ckpt, counts, tmp_path, limit):
+    root = make_dataset(tmp_path / "ds")
+    code, stdout, err = run_cli(
+        "evaluate", "--model", ckpt, "--data", root, "--split", "all", "--quiet", "--limit", limit
+    )
+    assert classify("cli: malformed options", code, stdout, err, 0, counts) == "error"
+    line = error_line(err)
+    assert "--limit" in line and ">= 1" in line and "--help" in line
 
 
 # --------------------------------------------------------------------------- property tests

@@ -6,6 +6,7 @@
       config.json        ModelConfig fields + format_version, emclip_version, weights_dtype
       model.safetensors  every weight (including the frozen text tower and the EM bases)
       text_tokenizer/    HF config + tokenizer files of an HF text tower
+      modality_head.*    optional modality recogniser (emclip.modality), not in model.safetensors
       checksums.json     sha256 of every file above
 
 ``save_checkpoint`` writes into a temporary sibling folder and swaps it in with ``os.replace``,
@@ -17,11 +18,14 @@ loaded and are refused unless ``trust_pickle=True``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,13 +33,15 @@ import torch
 
 from ._version import __version__
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError, UntrustedCheckpointError
+from .errors import CheckpointError, ConfigError, EMClipError, UntrustedCheckpointError
 
 FORMAT_VERSION = 1
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 CHECKSUMS_NAME = "checksums.json"
 TEXT_DIR = "text_tokenizer"
+#: Hidden sibling a replaced checkpoint is moved to while the new one is moved in.
+OLD_PREFIX = ".{name}.old-"
 PICKLE_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -92,23 +98,105 @@ def save_checkpoint(model: Any, folder: str | Path, *, dtype: torch.dtype = torc
         text_encoder = getattr(model, "text_encoder", None)
         if text_encoder is not None and getattr(text_encoder, "is_hf", False):
             text_encoder.save_text_files(tmp / TEXT_DIR)
+        head = getattr(model, "modality_head", None)
+        if head is not None:  # emclip.modality: kept out of model.safetensors
+            from .modality import head_files
+
+            for name, data in head_files(head).items():
+                (tmp / name).write_bytes(data)
         sums = {p.relative_to(tmp).as_posix(): sha256_file(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
         (tmp / CHECKSUMS_NAME).write_text(json.dumps({"algorithm": "sha256", "files": sums}, indent=2), encoding="utf-8")
         _apply_umask(tmp)
-        if folder.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old-", dir=folder.parent))
-            os.replace(folder, old / "ckpt")
-            os.replace(tmp, folder)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _swap_in(tmp, folder)
     return folder
 
 
 save_model = save_checkpoint
+
+
+def _old_name(folder: Path) -> Path:
+    """A fresh hidden sibling name for the checkpoint being replaced (found again by
+    :func:`recover_interrupted_save`)."""
+    return folder.parent / f"{OLD_PREFIX.format(name=folder.name)}{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def _swap_in(tmp: Path, folder: Path) -> None:
+    """Move the complete checkpoint ``tmp`` to ``folder``, replacing a checkpoint there.
+
+    Two renames: the old folder to a hidden sibling ``.<name>.old-*``, then ``tmp`` to
+    ``folder``. An exception or Ctrl-C between them moves the old folder back; a crash that
+    leaves no chance to (SIGKILL, power loss) leaves the old checkpoint complete in the sibling,
+    where :func:`load_checkpoint` finds and restores it. So at every instant the path holds the
+    old or the new complete checkpoint, or the old one is recoverable.
+    """
+    if not folder.exists():
+        try:
+            os.replace(tmp, folder)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return
+    old = _old_name(folder)
+    try:
+        os.replace(folder, old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    try:
+        os.replace(tmp, folder)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if not folder.exists():
+                os.replace(old, folder)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def recover_interrupted_save(folder: str | Path) -> bool:
+    """Restore the checkpoint a killed :func:`save_checkpoint` left in ``.<name>.old-*``.
+
+    For a ``folder`` that does not exist (:func:`load_checkpoint` calls it then; so should any
+    loader that checks the path first). Candidates are tried newest first; one is restored only
+    when it is complete (its checksums verify), with a warning. Returns True when ``folder``
+    exists afterwards.
+    """
+    folder = Path(folder).expanduser()
+    if folder.exists():
+        return True
+    prefix = OLD_PREFIX.format(name=folder.name)
+    try:
+        candidates = [p for p in folder.parent.iterdir() if p.name.startswith(prefix) and p.is_dir()]
+    except OSError:
+        return False
+    candidates.sort(key=_mtime, reverse=True)
+    for candidate in candidates:
+        if (candidate / "ckpt").is_dir():  # the layout of emclip 0.1.0 saves: .<name>.old-*/ckpt
+            candidate = candidate / "ckpt"
+        if not (candidate / CHECKSUMS_NAME).is_file() or not (candidate / WEIGHTS_NAME).is_file():
+            continue
+        try:
+            verify_checksums(candidate)
+            os.replace(candidate, folder)
+        except (CheckpointError, OSError):
+            continue
+        warnings.warn(
+            f"{folder} was missing after an interrupted save; the previous checkpoint was restored "
+            f"from {candidate.name}",
+            stacklevel=3,
+        )
+        return True
+    return folder.exists()
 
 
 def _apply_umask(root: Path) -> None:
@@ -200,6 +288,8 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", *, trust_pickle: bool
 
     path = Path(path).expanduser()
     if not path.exists():
+        recover_interrupted_save(path.parent if path.name in (WEIGHTS_NAME, CONFIG_NAME) else path)
+    if not path.exists():
         raise CheckpointError(f"no checkpoint at {path}: pass a folder holding {CONFIG_NAME} and {WEIGHTS_NAME}")
     if path.is_file():
         if path.suffix in PICKLE_SUFFIXES:
@@ -228,6 +318,9 @@ def load_checkpoint(path: str | Path, device: Any = "cpu", *, trust_pickle: bool
         ) from exc
     model = _build(config, path)
     load_weights_into(model, state, str(path / WEIGHTS_NAME))
+    from .modality import attach_modality_head, load_modality_head
+
+    attach_modality_head(model, load_modality_head(path))
     return model.to(resolve_device(device)).eval()
 
 
@@ -235,7 +328,18 @@ def _build(config: ModelConfig, folder: Path | None):
     from .factory import build_model
 
     text_dir = folder / TEXT_DIR if folder is not None and (folder / TEXT_DIR).is_dir() else None
-    return build_model(config, pretrained=False, text_source_dir=text_dir)
+    try:
+        return build_model(config, pretrained=False, text_source_dir=text_dir)
+    except ConfigError as exc:
+        raise CheckpointError(f"the config of {folder} does not describe a model this emclip can build: {exc}") from exc
+    except (RuntimeError, MemoryError, OverflowError, TypeError, KeyError) as exc:
+        if isinstance(exc, EMClipError):
+            raise
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise CheckpointError(
+            f"the config of {folder} describes a network that cannot be built ({type(exc).__name__}: {first[:200]}); "
+            "its sizes may have been edited or corrupted: copy or save the checkpoint again"
+        ) from exc
 
 
 def _load_pickle(path: Path, trust_pickle: bool, device: Any):

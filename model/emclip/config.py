@@ -12,13 +12,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import types
-import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
+from .dataclass_io import from_mapping, to_plain
 from .errors import ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,6 +29,24 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs" / "models"
 
 #: Keys a checkpoint's config.json carries next to the ModelConfig fields; ignored when parsing.
 META_KEYS = ("format_version", "emclip_version", "weights_dtype")
+
+#: Upper bounds of the size fields: far above any real network, low enough that an edited or
+#: corrupted config is refused before the allocator is asked for terabytes.
+SIZE_LIMITS = {
+    "image_size": 8192,
+    "image_encoder.embed_dim": 16384,
+    "text_encoder.embed_dim": 16384,
+    "em.channels": 8192,
+    "em.num_bases": 4096,
+    "em.iterations": 100,
+    "decoder.channels": 8192,
+    "decoder.embed_dim": 8192,
+    "decoder.num_layers": 64,
+    "decoder.num_heads": 256,
+    "unet.base_channels": 4096,
+    "unet.depth": 12,
+    "unet.decoder_channels": 8192,
+}
 
 
 @dataclass
@@ -139,10 +156,54 @@ class UNetConfig:
 
 
 @dataclass
+class FusionConfig:
+    """Modality fusion before the image tower (emclip.nn.fusion; off by default).
+
+    ``enabled``: the model takes one channel per sequence of ``sequences`` (default FLAIR, T1,
+    T1ce, T2) instead of RGB. ``shared_stems``: sequence -> sequence whose stem it uses (default
+    t1ce uses the t1 stem: both T1-weighted, so an unseen one still has a trained stem).
+    ``stem_channels`` C (16); ``gate``: "pixel" (per-pixel softmax, default) or "image";
+    ``sequence_dropout``: training-time chance of hiding each present sequence (0.3, >= 1 kept).
+    ``unseen``: what inference does with a sequence the model never saw in training: "ignore"
+    (default: left out, with a warning, unless nothing else is present) or "use".
+    """
+
+    enabled: bool = False
+    sequences: list[str] = field(default_factory=lambda: ["flair", "t1", "t1ce", "t2"])
+    shared_stems: dict[str, str] = field(default_factory=lambda: {"t1ce": "t1"})
+    stem_channels: int = 16
+    gate: str = "pixel"
+    sequence_dropout: float = 0.3
+    unseen: str = "ignore"
+
+    def validate(self) -> None:
+        seqs = [s.lower() for s in self.sequences]
+        if not seqs or any(not s.strip() or s != "".join(s.split()) for s in seqs):
+            raise ConfigError(f"fusion.sequences must be non-empty names without spaces, got {self.sequences}")
+        if seqs != list(self.sequences) or len(set(seqs)) != len(seqs):
+            raise ConfigError(f"fusion.sequences must be distinct lower-case names, got {self.sequences}")
+        for k, v in self.shared_stems.items():
+            if k not in seqs or v not in seqs or v in self.shared_stems:
+                raise ConfigError(
+                    f"fusion.shared_stems {k!r}: {v!r}: both must be in fusion.sequences {seqs} and {v!r} "
+                    "must have its own stem"
+                )
+        if self.stem_channels < 1 or self.stem_channels > 1024:
+            raise ConfigError(f"fusion.stem_channels must be in 1..1024, got {self.stem_channels}")
+        if self.gate not in ("pixel", "image"):
+            raise ConfigError(f"fusion.gate={self.gate!r}; use 'pixel' or 'image'")
+        if not 0.0 <= self.sequence_dropout < 1.0:
+            raise ConfigError(f"fusion.sequence_dropout must be in [0, 1), got {self.sequence_dropout}")
+        if self.unseen not in ("ignore", "use"):
+            raise ConfigError(f"fusion.unseen={self.unseen!r}; use 'ignore' or 'use'")
+
+
+@dataclass
 class ModelConfig:
     """A whole network. ``arch`` is "emclip" or "unet"; ``image_size`` is the square input side;
     ``pixel_mean``/``pixel_std`` normalise [0, 1] RGB. ``class_names``/``synonyms`` are for the
-    closed-vocabulary U-Net only."""
+    closed-vocabulary U-Net only. ``fusion``: multi-sequence MRI input (FusionConfig). ``known_structures`` maps a modality key (emclip.modality) to
+    the structures the model was trained on (set by the trainer; used by prompt-free segment)."""
 
     arch: str = "emclip"
     name: str = "custom"
@@ -157,10 +218,12 @@ class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     class_names: list[str] = field(default_factory=list)
     synonyms: dict[str, list[str]] = field(default_factory=dict)
+    known_structures: dict[str, list[str]] = field(default_factory=dict)
+    fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples become lists); ``from_dict`` restores an equal config."""
-        return _to_plain(dataclasses.asdict(self))
+        return to_plain(dataclasses.asdict(self))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelConfig:
@@ -168,12 +231,23 @@ class ModelConfig:
         if not isinstance(data, Mapping):
             raise ConfigError(f"a model config must be a JSON object (dict), got {type(data).__name__}")
         data = {k: v for k, v in data.items() if k not in META_KEYS}
-        cfg = _parse(cls, data, "")
+        cfg = from_mapping(cls, data)
         cfg.validate()
         return cfg
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
+
+    def _check_size_limits(self) -> None:
+        for key, limit in SIZE_LIMITS.items():
+            section, _, name = key.rpartition(".")
+            owner = getattr(self, section) if section else self
+            value = getattr(owner, name) if owner is not None else None
+            if isinstance(value, int) and value > limit:
+                raise ConfigError(
+                    f"{key}={value} is far too large (at most {limit}); the config was probably mistyped "
+                    "or corrupted: fix the value or save the model again"
+                )
 
     def validate(self) -> None:
         """Check values that types alone do not catch; raise ConfigError saying what to change."""
@@ -181,6 +255,10 @@ class ModelConfig:
             raise ConfigError(f"unknown architecture arch={self.arch!r}; use one of {list(ARCHS)}")
         if self.image_size < 16:
             raise ConfigError(f"image_size={self.image_size} is too small; use at least 16 (e.g. 256)")
+        self._check_size_limits()
+        self.fusion.validate()
+        if self.fusion.enabled and self.arch != "emclip":
+            raise ConfigError("fusion.enabled needs arch 'emclip' (the U-Net baseline takes RGB/grey only)")
         for key in ("pixel_mean", "pixel_std"):
             value = getattr(self, key)
             if len(value) != 3:
@@ -224,102 +302,6 @@ class ModelConfig:
             unknown = sorted(set(self.synonyms) - set(self.class_names))
             if unknown:
                 raise ConfigError(f"synonyms given for {unknown}, which are not in class_names {self.class_names}")
-
-
-# ----------------------------------------------------------------------------------------------
-# parsing helpers
-
-
-def _to_plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _to_plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    return value
-
-
-_HINTS: dict[type, dict[str, Any]] = {}
-
-
-def _hints(cls: type) -> dict[str, Any]:
-    if cls not in _HINTS:
-        _HINTS[cls] = typing.get_type_hints(cls)
-    return _HINTS[cls]
-
-
-def _parse(cls: type, data: Mapping[str, Any], prefix: str) -> Any:
-    names = [f.name for f in dataclasses.fields(cls)]
-    for key in data:
-        if key not in names:
-            where = f"'{prefix}{key}'"
-            section = f" in section '{prefix[:-1]}'" if prefix else ""
-            raise ConfigError(f"unknown config key {where}{section}; allowed keys: {', '.join(names)}")
-    hints = _hints(cls)
-    kwargs = {}
-    for name in names:
-        if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
-    return cls(**kwargs)
-
-
-def _type_name(hint: Any) -> str:
-    return getattr(hint, "__name__", None) or str(hint).replace("typing.", "")
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    """Check ``value`` against the type ``hint`` and convert containers (lists -> tuples etc.)."""
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None:
-            if type(None) in options:
-                return None
-            raise ConfigError(f"'{path}' must not be null")
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(value, option, path)
-            except ConfigError as exc:
-                errors.append(str(exc))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"'{path}' has an invalid value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be an object with keys {[f.name for f in dataclasses.fields(hint)]}")
-        return _parse(hint, value, f"{path}.")
-    if hint is Any:
-        return copy.deepcopy(value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{path}' must be a list, got {type(value).__name__}")
-        (item,) = typing.get_args(hint) or (Any,)
-        return [_coerce(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{path}' must be a list, got {type(value).__name__}")
-        args = typing.get_args(hint)
-        if len(args) != len(value):
-            raise ConfigError(f"'{path}' needs {len(args)} values, got {len(value)}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be an object, got {type(value).__name__}")
-        key_t, val_t = typing.get_args(hint)
-        return {_coerce(k, key_t, path): _coerce(v, val_t, f"{path}.{k}") for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{path}' must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{path}' must be an integer, got {value!r}")
-        return value
-    if hint in (bool, str):
-        if not isinstance(value, hint):
-            raise ConfigError(f"'{path}' must be {_type_name(hint)}, got {value!r}")
-        return value
-    raise ConfigError(f"'{path}': unsupported config type {_type_name(hint)}")  # pragma: no cover
 
 
 # ----------------------------------------------------------------------------------------------

@@ -33,8 +33,9 @@ from typing import Any
 import numpy as np
 
 from .callbacks import CancelCallback, ProgressCallback, check_cancel, report
-from .errors import DatasetError
+from .errors import DatasetError, EMClipError, InvalidArgumentError, InvalidImageError
 from .metrics import compute_metrics, summarise
+from .prompts import clean_prompt
 
 PROMPT_SETS = ("names", "synonyms")
 
@@ -46,7 +47,7 @@ def _prompts_for(spec, prompt_set: str, accepts) -> dict[str, list[str]]:
         if prompt_set == "names":
             out[name] = [name]
         else:
-            syns = [s for s in spec.synonyms_of(name) if accepts(s)]
+            syns = [s for s in spec.synonyms_of(name) if clean_prompt(s) and accepts(s)]
             out[name] = syns or [name]
     return out
 
@@ -94,6 +95,31 @@ def evaluate(
 
     if prompt_set not in PROMPT_SETS:
         raise DatasetError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise InvalidArgumentError(
+            f"limit must be a whole number >= 1 (at most that many images per dataset) or None for all, got {limit!r}"
+        )
+    paths = [Path(d).expanduser() for d in datasets]
+    keys = _dataset_key(paths)
+    plans = []
+    for path in paths:
+        ds = open_dataset(path, axis=axis)
+        parts = split_dataset(ds, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction)
+        idx = parts.part(split)
+        if ds.spec.kind == "volume":
+            units = sorted({ds.index[i][0] for i in idx})
+        else:
+            units = idx
+        if not units:
+            sizes = ", ".join(f"{p} {len(parts.part(p))}" for p in ("train", "val", "test"))
+            raise DatasetError(
+                f"{path}: the {split!r} split has no images (images per split: {sizes}); evaluate another split "
+                "(split='all', CLI: --split all) or add images to the dataset"
+            )
+        if limit is not None:
+            units = units[:limit]
+        plans.append((ds, units))
+    # the datasets and their splits are checked before the model loads
     name = model_name or (str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "name", "model"))
     net = load_model(model, device if device is not None else "auto") if not hasattr(model, "predict_logits") else model
     if device is not None:
@@ -102,19 +128,6 @@ def evaluate(
         net = net.to(resolve_device(device))
     net.eval()
     accepts = _accepts(net)
-    paths = [Path(d).expanduser() for d in datasets]
-    keys = _dataset_key(paths)
-    plans = []
-    for path in paths:
-        ds = open_dataset(path, axis=axis)
-        idx = split_dataset(ds, seed=split_seed, val_fraction=val_fraction, test_fraction=test_fraction).part(split)
-        if ds.spec.kind == "volume":
-            units = sorted({ds.index[i][0] for i in idx})
-        else:
-            units = idx
-        if limit is not None:
-            units = units[:limit]
-        plans.append((ds, units))
     total = sum(len(u) for _, u in plans)
     done = 0
     report(progress, 0, total)
@@ -128,10 +141,16 @@ def evaluate(
         use_spacing = spec.kind == "volume" or all(ds.spacing_of(i) is not None for i in units)
         for unit in units:
             check_cancel(cancel)
-            if spec.kind == "volume":
-                probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold)
-            else:
-                probs_masks, targets, spacing = _run_image(net, ds, unit, flat, threshold)
+            try:
+                if spec.kind == "volume":
+                    probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold)
+                else:
+                    probs_masks, targets, spacing = _run_image(net, ds, unit, flat, threshold)
+            except InvalidImageError as exc:  # about this image: say which one
+                named = _naming_the_input(exc, ds, unit)
+                if named is None:
+                    raise
+                raise named from exc
             spacing = spacing if use_spacing else None
             for s_idx, structure in enumerate(spec.structure_names):
                 tgt = targets[s_idx]
@@ -158,6 +177,21 @@ def evaluate(
     return {"model": name, "datasets": results}
 
 
+def _naming_the_input(exc: InvalidImageError, ds, unit: int | str) -> EMClipError | None:
+    """A copy of ``exc`` naming the image file (or volume case) it is about; None when its
+    message already names it."""
+    volume = ds.spec.kind == "volume"
+    where = f"case {unit} of {ds.spec.root}" if volume else str(ds.image_path(unit))
+    text = str(exc)
+    if (str(unit) if volume else Path(where).name) in text:
+        return None
+    message = f"{where}: {text} (replace or remove this {'case' if volume else 'image'} in the dataset)"
+    try:
+        return type(exc)(message)
+    except Exception:  # noqa: BLE001 - an error type with another signature
+        return DatasetError(message)
+
+
 def _nanmean(values: list[float]) -> float:
     ok = [v for v in values if math.isfinite(v)]
     return float(np.mean(ok)) if ok else math.nan
@@ -182,7 +216,7 @@ def _run_volume(net, ds, case: str, prompts: list[str], threshold: float):
 def _by_prompt(res, prompts: list[str]) -> np.ndarray:
     """Masks in the order of ``prompts`` (the result's prompts are the cleaned versions)."""
     got = [p.casefold() for p in res.prompts]
-    return np.stack([res.masks[got.index(" ".join(p.split()).casefold())] for p in prompts])
+    return np.stack([res.masks[got.index(clean_prompt(p).casefold())] for p in prompts])
 
 
 def _nan_to_none(value: Any) -> Any:

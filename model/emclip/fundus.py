@@ -358,26 +358,61 @@ def locate_optic_disc(
     t = check_threshold(threshold)
     arr = check_image(image, channel_axis)
     net = _resolve(model, device)
+    return _locating_pass(
+        arr, [], net, threshold=t, locate_threshold=t, brightness_prior=brightness_prior, min_area=0,
+        modality=modality, device=device, progress=progress, cancel=cancel,
+    ).location
+
+
+@dataclass(frozen=True)
+class _Overview:
+    """What the low-resolution pass gives: the result for the asked prompts plus the disc."""
+
+    result: Any
+    small: np.ndarray
+    disc_index: int
+    location: DiscLocation | None
+
+
+def _locating_pass(
+    arr: np.ndarray,
+    prompts: Sequence[str],
+    net: Any,
+    *,
+    threshold: float,
+    locate_threshold: float,
+    brightness_prior: bool,
+    min_area: int,
+    **options: Any,
+) -> _Overview:
+    """One pass over ``arr`` shrunk to ``LOCATE_SIDE_FACTOR`` network sides, asking ``prompts``
+    plus "optic disc" (unless among them), then the disc of the disc probability map
+    (:func:`disc_from_probability` with ``locate_threshold``). ``min_area`` applies only when
+    the image was not shrunk (else 0). ``options``: modality, device, batch_size, progress, cancel."""
+    disc_index = next((i for i, p in enumerate(prompts) if canonical_name(p) == LOCATE_PROMPT), None)
+    asked = list(prompts)
+    if disc_index is None:
+        asked.append(LOCATE_PROMPT)
+        disc_index = len(prompts)
     small = shrink_for_locating(arr, LOCATE_SIDE_FACTOR * _network_side(net))
-    res = _plain_segment(
+    shrunk = small.shape[:2] != arr.shape[:2]
+    result = _plain_segment(
         small,
-        [LOCATE_PROMPT],
+        asked,
         net,
-        modality=modality,
-        threshold=t,
+        threshold=threshold,
         channel_axis=_channel_axis(small),
-        device=device,
         tile_size=0,
-        min_area=0,
-        progress=progress,
-        cancel=cancel,
+        min_area=0 if shrunk else min_area,
+        **options,
     )
-    return disc_from_probability(
-        res.probabilities[0],
-        threshold=t,
+    location = disc_from_probability(
+        result.probabilities[disc_index],
+        threshold=locate_threshold,
         image_shape=arr.shape[:2],
         brightness=relative_brightness(small) if brightness_prior else None,
     )
+    return _Overview(result, small, disc_index, location)
 
 
 # --------------------------------------------------------------------------- crop geometry
@@ -591,7 +626,7 @@ def segment_fundus(
     and ``side``), ``crop_ratio``, ``locate_side`` (long side of the locating pass input).
     """
     from .inference import SegmentationResult
-    from .inference.options import check_min_area, check_modality, check_threshold
+    from .inference.options import check_batch_size, check_min_area, check_modality, check_threshold
     from .inference.single_image import summarise
     from .preprocess import check_image
 
@@ -599,6 +634,7 @@ def segment_fundus(
     t = check_threshold(threshold)
     lt = check_threshold(locate_threshold)
     modality = check_modality(modality)
+    check_batch_size(batch_size)
     if (
         isinstance(crop_ratio, bool)
         or not isinstance(crop_ratio, numbers.Real)
@@ -624,33 +660,13 @@ def segment_fundus(
         "cancel": cancel,
     }
 
-    disc_index = next(
-        (i for i, p in enumerate(prompt_list) if canonical_name(p) == LOCATE_PROMPT), None
-    )
-    overview_prompts = list(prompt_list)
-    if disc_index is None:
-        overview_prompts.append(LOCATE_PROMPT)
-        disc_index = len(prompt_list)
-    small = shrink_for_locating(arr, LOCATE_SIDE_FACTOR * _network_side(net))
-    shrunk = small.shape[:2] != arr.shape[:2]
     stages = _Stages(progress, 2)
-    overview = _plain_segment(
-        small,
-        overview_prompts,
-        net,
-        threshold=t,
-        channel_axis=_channel_axis(small),
-        tile_size=0,
-        min_area=0 if shrunk else area,
-        progress=stages.stage(0),
-        **common,
+    located = _locating_pass(
+        arr, prompt_list, net, threshold=t, locate_threshold=lt, brightness_prior=brightness_prior,
+        min_area=area, progress=stages.stage(0), **common,
     )
-    location = disc_from_probability(
-        overview.probabilities[disc_index],
-        threshold=lt,
-        image_shape=hw,
-        brightness=relative_brightness(small) if brightness_prior else None,
-    )
+    overview, small, disc_index, location = located.result, located.small, located.disc_index, located.location
+    shrunk = small.shape[:2] != arr.shape[:2]
     record: dict[str, Any] = {
         "used": False,
         "disc": None if location is None else location.to_dict(),
@@ -661,7 +677,7 @@ def segment_fundus(
 
     def whole_image(reason: str) -> Any:
         record["reason"] = reason
-        exact = not shrunk and len(overview_prompts) == len(prompt_list) and tile_size in (None, 0)
+        exact = not shrunk and disc_index < len(prompt_list) and tile_size in (None, 0)
         if exact:  # the locating pass was already the plain segmentation
             result = overview
         else:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
+
+from .common import positive_int, progress_bar, sigint_cancels
 
 NAME = "evaluate"
 
@@ -30,7 +31,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--markdown", metavar="OUT.md", default=None, help="write the table as markdown")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps (default auto)")
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
-    parser.add_argument("--limit", type=int, default=None, help="at most N images (cases) per dataset")
+    parser.add_argument("--limit", type=positive_int, default=None, help="at most N images (cases) per dataset (N >= 1)")
     parser.add_argument("--axis", default="axial", help="slicing axis for NIfTI datasets (default axial)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of random splits (default 0, as in training)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -39,24 +40,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
 
 
 def run(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from ..evaluate import evaluate, to_json, to_markdown
     from ..io import atomic_write_text
-    from .train import sigint_cancels
 
     for d in args.data:
         if not Path(d).expanduser().is_dir():
             raise FileNotFoundError(f"dataset folder not found: {d}")
-    bar = tqdm(total=1, desc="evaluate", unit="image", disable=True if args.quiet else None, file=sys.stderr)
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
+    bar, progress = progress_bar("evaluate", "image", quiet=args.quiet)
     try:
-        with sigint_cancels() as cancel:
+        with sigint_cancels("stopping after the current step") as cancel:
             results = evaluate(args.model, args.data, split=args.split, prompt_set=args.prompt_set,
                                device=args.device, threshold=args.threshold, limit=args.limit, axis=args.axis,
                                split_seed=args.split_seed, model_name=str(args.model), progress=progress,

@@ -8,12 +8,9 @@ continues from it). Under ``torchrun`` only rank 0 draws the bar.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import signal
-import sys
-import threading
-from collections.abc import Callable, Iterator
+
+from .common import progress_bar, sigint_cancels
 
 NAME = "train"
 
@@ -45,27 +42,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     return parser
 
 
-@contextlib.contextmanager
-def sigint_cancels() -> Iterator[Callable[[], bool]]:
-    """A ``cancel()`` that turns True at the first Ctrl-C; the second Ctrl-C interrupts at once."""
-    state = {"cancelled": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: state["cancelled"]
-        return
-
-    def handler(signum, frame):
-        if state["cancelled"]:
-            raise KeyboardInterrupt
-        state["cancelled"] = True
-        print("\nemclip: stopping after the current step (Ctrl-C again to stop now)", file=sys.stderr)
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: state["cancelled"]
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def run(args: argparse.Namespace) -> int:
     from ..train.config import list_presets
 
@@ -77,8 +53,6 @@ def run(args: argparse.Namespace) -> int:
 
         raise ConfigError("give a training CONFIG (.yaml or a preset; see emclip train --list-presets)")
     import logging
-
-    from tqdm import tqdm
 
     from ..train.config import load_train_config
     from ..train.trainer import train
@@ -94,20 +68,14 @@ def run(args: argparse.Namespace) -> int:
     main_rank = int(os.environ.get("RANK", "0")) == 0
     quiet = args.quiet or not main_rank
     logging.basicConfig(level=logging.INFO if main_rank else logging.WARNING, format="emclip: %(message)s")
-    bar = tqdm(total=1, desc="train", unit="step", disable=True if quiet else None, file=sys.stderr, dynamic_ncols=True)
-
-    def progress(done: int, total: int) -> None:
-        if bar.total != total:
-            bar.total = total
-        bar.n = done
-        bar.refresh()
+    bar, progress = progress_bar("train", "step", quiet=quiet, dynamic_ncols=True)
 
     def log(record: dict) -> None:
         if record.get("kind") == "train":
             bar.set_postfix(epoch=record["epoch"], loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_s']:.1f}")
 
     try:
-        with sigint_cancels() as cancel:
+        with sigint_cancels("stopping after the current step") as cancel:
             result = train(cfg, resume=args.resume, progress=progress, cancel=cancel, log=log)
     finally:
         bar.close()

@@ -133,6 +133,25 @@ def _str_list(raw: Any, path: Path, key: str) -> tuple[str, ...]:
     return tuple(s.strip() for s in raw)
 
 
+def _check_usable_prompt(name: str, seen: dict[str, str], path: Path) -> None:
+    """Structure names are the prompts of evaluation and training: each must stay a distinct,
+    non-empty prompt once cleaned as :func:`emclip.prompts.parse_prompts` cleans user input."""
+    from ..prompts import MAX_PROMPT_CHARS, clean_prompt
+
+    prompt = clean_prompt(name)
+    if not prompt:
+        raise _fail(path, f"structure name {name!r} has no visible characters (only control or invisible "
+                          "characters), so it cannot be a prompt; name the structure in words, e.g. 'optic disc'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise _fail(path, f"structure name {prompt[:40]!r}... is {len(prompt)} characters long, more than a "
+                          f"prompt may be ({MAX_PROMPT_CHARS}); name the structure in a few words")
+    key = prompt.casefold()
+    if key in seen:
+        raise _fail(path, f"structure names {seen[key]!r} and {name!r} are the same prompt ({prompt!r}, case "
+                          "ignored); merge their mask values under one name")
+    seen[key] = name
+
+
 def parse_spec(data: Mapping[str, Any], root: Path, path: Path | None = None) -> DatasetSpec:
     """Validate the content of a dataset.yaml (already loaded) and build a :class:`DatasetSpec`."""
     path = path or root / SPEC_FILE
@@ -146,9 +165,11 @@ def parse_spec(data: Mapping[str, Any], root: Path, path: Path | None = None) ->
     if not isinstance(structures_raw, Mapping) or not structures_raw:
         raise _fail(path, f"'structures' must map each structure name to its mask values, {_EXAMPLE}")
     structures: dict[str, tuple[int, ...]] = {}
+    as_prompts: dict[str, str] = {}  # casefolded prompt -> structure name
     for name, vals in structures_raw.items():
         if not isinstance(name, str) or not name.strip():
             raise _fail(path, f"structure names must be non-empty text, got {name!r}")
+        _check_usable_prompt(name, as_prompts, path)
         structures[" ".join(name.split())] = _as_int_values(vals, path, name)
     synonyms_raw = data.get("synonyms") or {}
     if not isinstance(synonyms_raw, Mapping):

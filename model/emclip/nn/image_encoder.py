@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ImageEncoderConfig
-from ..errors import ConfigError, PretrainedWeightsUnavailable
+from ..errors import ConfigError
+from . import towers
 
 log = logging.getLogger(__name__)
 
@@ -107,8 +108,7 @@ class ImageEncoder(nn.Module):
         self.frozen_modules: list[nn.Module] = []
         self.channels_last = False
         if freeze:
-            for p in visual.parameters():
-                p.requires_grad_(False)
+            towers.freeze(visual)
 
     def freeze_early(self, stages: int) -> None:
         """Freeze the stem and the first ``stages`` stages (no gradients, norms in eval mode)."""
@@ -116,8 +116,7 @@ class ImageEncoder(nn.Module):
             return
         modules = self._early_modules(stages)
         for m in modules:
-            for p in m.parameters():
-                p.requires_grad_(False)
+            towers.freeze(m)
         self.frozen_modules = modules
         self.train(self.training)
 
@@ -138,11 +137,7 @@ class ImageEncoder(nn.Module):
         return math.lcm(*self.strides)
 
     def train(self, mode: bool = True) -> ImageEncoder:
-        super().train(mode)
-        if self.frozen:
-            self.visual.eval()
-        for m in self.frozen_modules:
-            m.eval()
+        towers.set_mode_keeping_frozen(self, mode, ([self.visual] if self.frozen else []) + self.frozen_modules)
         return self
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # pragma: no cover - abstract
@@ -154,20 +149,12 @@ class ImageEncoder(nn.Module):
     def load_tower_state_dict(self, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load open_clip-named tower weights; pruned/head keys are ignored, anything the tower
         needs but does not get (or gets with the wrong shape) raises PretrainedWeightsUnavailable."""
-        own = self.visual.state_dict()
         sd = self._adapt_state_dict(dict(sd))
-        matched = {k: v for k, v in sd.items() if k in own}
-        missing = sorted(k for k in own if k not in matched)
-        wrong = sorted(k for k, v in matched.items() if tuple(v.shape) != tuple(own[k].shape))
-        if missing or wrong:
-            detail = [f"missing {len(missing)}: {missing[:5]}"] if missing else []
-            detail += [f"shape mismatch: {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"] if wrong else []
-            raise PretrainedWeightsUnavailable(
-                f"image tower weights from {source} do not fit this image_encoder config ({'; '.join(detail)}); "
-                "check open_clip_model / vision_cfg against the weights"
-            )
-        self.visual.load_state_dict(matched, strict=True)
-        log.info("image tower: loaded %d tensors from %s (%d unused)", len(matched), source, len(sd) - len(matched))
+        loaded = towers.load_matching_weights(
+            self.visual, sd, section="image_encoder", source=source,
+            advice="; check open_clip_model / vision_cfg against the weights",
+        )
+        log.info("image tower: loaded %d tensors from %s (%d unused)", loaded, source, len(sd) - loaded)
 
 
 class OpenCLIPViTEncoder(ImageEncoder):

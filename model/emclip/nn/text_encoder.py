@@ -27,6 +27,7 @@ from torch import nn
 from ..config import TextEncoderConfig
 from ..errors import ConfigError, InvalidPromptError, PretrainedWeightsUnavailable
 from ..prompts import apply_templates, random_template
+from . import towers
 
 MODES = ("ensemble", "random")
 
@@ -105,8 +106,7 @@ class TextEncoder(nn.Module):
         self.cache = EmbeddingCache(cache_size)
         self._fingerprint_seen: tuple | None = None
         if freeze:
-            for p in tower.parameters():
-                p.requires_grad_(False)
+            towers.freeze(tower)
             tower.eval()
 
     @property
@@ -117,9 +117,7 @@ class TextEncoder(nn.Module):
 
     def train(self, mode: bool = True) -> TextEncoder:
         was = self.tower.training
-        super().train(mode)
-        if self.frozen:
-            self.tower.eval()
+        towers.set_mode_keeping_frozen(self, mode, [self.tower] if self.frozen else [])
         if self.tower.training != was:
             self.clear_cache()
         return self
@@ -224,17 +222,7 @@ class TextEncoder(nn.Module):
 
     def load_tower_state_dict(self, sd: dict[str, torch.Tensor], source: str = "weights") -> None:
         """Load open_clip-named tower weights (extra keys such as position_ids/pooler are ignored)."""
-        own = self.tower.state_dict()
-        matched = {k: v for k, v in sd.items() if k in own}
-        missing = sorted(k for k in own if k not in matched)
-        wrong = sorted(k for k, v in matched.items() if tuple(v.shape) != tuple(own[k].shape))
-        if missing or wrong:
-            detail = [f"missing {len(missing)}: {missing[:5]}"] if missing else []
-            detail += [f"shape mismatch: {[(k, tuple(sd[k].shape), tuple(own[k].shape)) for k in wrong[:5]]}"] if wrong else []
-            raise PretrainedWeightsUnavailable(
-                f"text tower weights from {source} do not fit this text_encoder config ({'; '.join(detail)})"
-            )
-        self.tower.load_state_dict(matched, strict=True)
+        towers.load_matching_weights(self.tower, sd, section="text_encoder", source=source)
         self.clear_cache()
 
     def save_text_files(self, folder: str | Path) -> list[Path]:

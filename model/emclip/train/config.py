@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import typing
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .. import dataclass_io
 from ..data.augment import AugmentConfig
 from ..data.training import PromptConfig
 from ..errors import ConfigError
 from .losses import LossConfig
+from .semi import SemiSupervisedConfig
 
 PRESET_DIR = Path(__file__).resolve().parents[1] / "configs" / "train"
 
@@ -32,7 +33,11 @@ class DatasetEntry:
     ``repeat``: times each sample appears per epoch (balance small datasets; default 1).
     ``limit``: use only the first N samples of the split (quick runs; default all).
     ``name``: label in logs and results (default the folder name).
-    Volumes only: ``axis`` (axial), ``channel`` (first of dataset.yaml), ``only_labelled`` (False)."""
+    Volumes only: ``axis`` (axial), ``channel`` (first of dataset.yaml), ``only_labelled`` (False).
+    Training entries only (semi-supervised protocol, see emclip.train.semi): ``labelled_fraction``
+    (1.0) keeps the masks of that fraction of the split's patients, drawn with ``labelled_seed``
+    (0); the other patients are unlabelled (used only when ``semi_supervised.enabled``);
+    ``unlabelled`` (False): use the whole entry as unlabelled images."""
 
     path: str = ""
     split: str = "train"
@@ -42,6 +47,9 @@ class DatasetEntry:
     axis: str = "axial"
     channel: str | None = None
     only_labelled: bool = False
+    labelled_fraction: float = 1.0
+    labelled_seed: int = 0
+    unlabelled: bool = False
 
 
 @dataclass
@@ -101,6 +109,7 @@ class TrainConfig:
     prompts: PromptConfig = field(default_factory=PromptConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    semi_supervised: SemiSupervisedConfig = field(default_factory=SemiSupervisedConfig)
     seed: int = 0
     num_workers: int = 0
     amp: bool = True
@@ -124,6 +133,9 @@ class TrainConfig:
                     raise ConfigError(f"{group}[{k}] has no 'path'")
                 if e.repeat < 1 or (e.limit is not None and e.limit < 1):
                     raise ConfigError(f"{group}[{k}]: repeat and limit must be >= 1")
+                if not 0 < e.labelled_fraction <= 1 or (group != "train" and (e.labelled_fraction < 1 or e.unlabelled)):
+                    raise ConfigError(f"{group}[{k}]: labelled_fraction must be in (0, 1]; it and 'unlabelled' "
+                                      "apply to training entries only")
         if self.batch_size < 1 or self.epochs < 1:
             raise ConfigError("batch_size and epochs must be >= 1")
         if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
@@ -135,87 +147,17 @@ class TrainConfig:
             raise ConfigError("optim: lr > 0, encoder_lr >= 0, warmup_steps >= 0, 0 <= min_lr_ratio <= 1")
 
     def to_dict(self) -> dict[str, Any]:
-        return _plain(dataclasses.asdict(self))
+        return dataclass_io.to_plain(dataclasses.asdict(self))
 
     def resolve_path(self, entry: DatasetEntry) -> Path:
         p = Path(entry.path).expanduser()
         return p if p.is_absolute() else Path(self.data_root).expanduser() / p
 
 
-def _plain(v: Any) -> Any:
-    if isinstance(v, dict):
-        return {k: _plain(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_plain(x) for x in v]
-    return v
-
-
-def _coerce(value: Any, hint: Any, path: str) -> Any:
-    origin = typing.get_origin(hint)
-    args = typing.get_args(hint)
-    if origin in (typing.Union, __import__("types").UnionType):
-        if value is None and type(None) in args:
-            return None
-        last: ConfigError | None = None
-        for opt in args:
-            if opt is type(None):
-                continue
-            try:
-                return _coerce(value, opt, path)
-            except ConfigError as exc:
-                last = exc
-        raise last or ConfigError(f"'{path}': invalid value {value!r}")
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping with keys {[f.name for f in dataclasses.fields(hint)]}")
-        return from_mapping(hint, value, f"{path}.")
-    if hint is Any:
-        return copy.deepcopy(value)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"'{path}' must be a list, got {value!r}")
-        return [_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            raise ConfigError(f"'{path}' must be a list of {len(args)} values, got {value!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
-    if origin is dict:
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"'{path}' must be a mapping, got {value!r}")
-        return {str(k): copy.deepcopy(v) for k, v in value.items()}
-    if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"'{path}' must be a number, got {value!r}")
-        return float(value)
-    if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"'{path}' must be an integer, got {value!r}")
-        return value
-    if hint is bool:
-        if not isinstance(value, bool):
-            raise ConfigError(f"'{path}' must be true or false, got {value!r}")
-        return value
-    if hint is str:
-        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"'{path}' must be text, got {value!r}")
-        return str(value)
-    raise ConfigError(f"'{path}': unsupported type {hint}")  # pragma: no cover
-
-
 def from_mapping(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming allowed keys."""
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in data if k not in names]
-    if unknown:
-        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}'; allowed keys: {', '.join(names)}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(v, hints[k], f"{prefix}{k}") for k, v in data.items()}
-    try:
-        return cls(**kwargs)
-    except (TypeError, ValueError) as exc:
-        if isinstance(exc, ConfigError):
-            raise
-        raise ConfigError(f"invalid values in '{prefix or 'config'}': {exc}") from exc
+    """Build dataclass ``cls`` from ``data``; unknown keys raise ConfigError naming allowed keys.
+    Numbers are accepted where text is expected (YAML reads ``name: 2020`` as a number)."""
+    return dataclass_io.from_mapping(cls, data, prefix, numbers_as_text=True)
 
 
 def list_presets() -> list[str]:
