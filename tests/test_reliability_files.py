@@ -520,3 +520,16 @@ def test_a_process_killed_between_the_renames_of_a_replace_loses_nothing(counts,
         counts["lost edits"] += 1
     assert writers.snapshot(folder) == before
     assert all(p == folder or p.name.startswith(".") for p in tmp_path.iterdir())
+
+
+def test_load_model_finds_a_checkpoint_a_killed_replace_left_hidden(counts, saved, tmp_path):
+    """The widget and CLI go through load_model, which checks the path first: it must recover too."""
+    folder = tmp_path / "ckpt"
+    hidden = tmp_path / ".ckpt.old-123-abcd"
+    shutil.copytree(saved, hidden)  # the state a SIGKILL between the two renames leaves
+    model_loading.clear_model_cache()
+    with pytest.warns(UserWarning, match="restored"):
+        net = emclip.load_model(folder, device="cpu")
+    counts["edit-protection checks"] += 1
+    assert folder.is_dir() and not hidden.exists()
+    assert net.config.to_dict() == load_checkpoint(saved).config.to_dict()

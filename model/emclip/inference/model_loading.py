@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from ..checkpoint import recover_interrupted_save
 from ..device import resolve_device
 from ..errors import CheckpointError, InvalidArgumentError
 
@@ -112,7 +113,8 @@ def load_model(
         path = Path(text).expanduser()
         names = _config_names()
         try:
-            exists = path.exists()
+            # a save killed between its renames left the checkpoint in a hidden sibling folder
+            exists = path.exists() or (path.parent.is_dir() and recover_interrupted_save(path))
         except (OSError, ValueError) as exc:  # name too long, embedded NUL byte, ...
             raise CheckpointError(
                 f"cannot use {text[:200]!r} as a model path ({exc}); check the path"
