@@ -11,6 +11,7 @@ from typing import Any
 _LAZY = {
     "train": "emclip.train.trainer",
     "TrainResult": "emclip.train.trainer",
+    "finetune": "emclip.train.finetune",
     "TrainConfig": "emclip.train.config",
     "load_train_config": "emclip.train.config",
     "list_presets": "emclip.train.config",
