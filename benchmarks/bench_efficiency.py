@@ -6,10 +6,12 @@ forward FLOPs of one 256 px image with 2 prompts are counted with
 embeddings cached as at inference). The machine's fp32 matmul peak is measured before and after
 and the better value is used. For the default model it also reports: encoder / decoder split,
 FLOPs and time of depthwise vs dense convolutions, a torch.profiler table of the top operators,
-and optional variants side by side (torch.compile, bfloat16 autocast, batch of 4).
+and optional variants side by side (torch.compile, TorchScript freeze, bfloat16 autocast,
+batch of 4).
 
     python benchmarks/bench_efficiency.py                 # full run, ~4 min with --compile
     python benchmarks/bench_efficiency.py --compile       # + torch.compile variant (slow start)
+    python benchmarks/bench_efficiency.py --freeze        # + torch.jit.freeze/optimize_for_inference
     python benchmarks/bench_efficiency.py --quick         # smoke test
 """
 
@@ -90,9 +92,41 @@ def profile_table(fn, calls: int) -> tuple[list[dict], dict[str, float]]:
     return table, dict(conv_ms)
 
 
+def freeze_forward(model, x, emb):
+    """``model(x, emb)`` traced, frozen and optimised for inference; returns it, the build time
+    and the largest difference to eager over every output tensor (all outputs are kept, so no
+    head is dropped as dead code)."""
+    import torch
+
+    class Outputs(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+            self.register_buffer("emb", emb.clone())
+
+        def forward(self, images):
+            out = self.model(images, self.emb)
+            tensors = [out.logits, out.responsibilities, out.cluster_text_similarity,
+                       *(v for v in out.aux.values() if isinstance(v, torch.Tensor))]
+            return tuple(t for t in tensors if t is not None)
+
+    wrapped = Outputs().eval()
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        frozen = torch.jit.optimize_for_inference(torch.jit.freeze(torch.jit.trace(wrapped, x, check_trace=False)))
+        frozen(x)
+    build_s = time.perf_counter() - t0
+    with torch.no_grad():
+        diff = max(float((a - b).abs().max()) for a, b in zip(frozen(x), wrapped(x)))
+    return frozen, build_s, diff
+
+
 def main() -> None:
     p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--compile", action="store_true", help="add a torch.compile (inductor) variant")
+    p.add_argument("--freeze", action="store_true",
+                   help="add a TorchScript variant: trace, torch.jit.freeze (folds BatchNorm into the "
+                        "convolutions), optimize_for_inference (oneDNN layouts, fused conv+activation)")
     p.add_argument("--no-variants", action="store_true", help="skip the bf16 / batch-4 variants")
     args = p.parse_args()
     threads = common.setup_threads(args.threads)
@@ -181,6 +215,7 @@ def main() -> None:
     # --- variants of the default model, side by side
     variants_res = None
     compile_info = None
+    freeze_info = None
     if not args.no_variants:
         variants = {"eager fp32": timed["emclip (cpu-default)"]}
         emb_d = emb
@@ -209,6 +244,15 @@ def main() -> None:
                     return compiled(x, emb_d)
 
             variants["torch.compile"] = comp
+        if args.freeze:
+            frozen, freeze_s, freeze_diff = freeze_forward(model, x, emb_d)
+            freeze_info = {"build_s": freeze_s, "max_abs_diff_vs_eager": freeze_diff}
+
+            def froz():
+                with torch.inference_mode():
+                    return frozen(x)
+
+            variants["jit.freeze + optimize_for_inference"] = froz
         variants_res = common.interleaved(variants, rounds, warmup, baseline="eager fp32")
         b4 = variants_res["times"]["batch 4 (per image)"]
         for key in ("median", "q1", "q3", "iqr", "min", "max"):
@@ -242,6 +286,7 @@ def main() -> None:
         "emclip_profile_top_ops": table,
         "emclip_variants": variants_res,
         "compile": compile_info,
+        "freeze": freeze_info,
         "meets_target": ratio >= TARGET_RATIO,
         "meets_target_best_of_n": ratio_best >= TARGET_RATIO,
     }
@@ -266,6 +311,9 @@ def main() -> None:
                   f"best {common.ms(s['min'])} -> {s['fraction_of_peak_best']:.2f})")
     if compile_info:
         print(f"torch.compile first call (compilation): {compile_info['first_call_s']:.1f} s")
+    if freeze_info:
+        print(f"jit.freeze build: {freeze_info['build_s']:.1f} s; max |frozen - eager| "
+              f"{freeze_info['max_abs_diff_vs_eager']:.2e}")
     print(f"target >= {TARGET_RATIO} of peak: {'met' if ratio >= TARGET_RATIO else 'MISSED'} ({ratio:.2f} by medians, "
           f"{ratio_best:.2f} best-of-N)")
 

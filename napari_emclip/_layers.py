@@ -403,6 +403,34 @@ def plan_placements(
     return out
 
 
+MAIN_ROLES = ("prompt", "combined")
+"""Roles of the visible result layers (what the user waits for); the others are optional."""
+
+
+def placement_batches(
+    placements: Sequence[Placement], max_pixels: int = 8_000_000
+) -> list[list[Placement]]:
+    """Group placements into the batches added per event-loop turn.
+
+    The visible results (``MAIN_ROLES``) come first, grouped while their pixels add up to at
+    most ``max_pixels`` (each batch holds at least one); then every optional layer
+    (probability maps, cluster map) in a batch of its own.
+    """
+    main = [p for p in placements if p.spec.role in MAIN_ROLES]
+    extra = [p for p in placements if p.spec.role not in MAIN_ROLES]
+    batches: list[list[Placement]] = []
+    size = 0
+    for placement in main:
+        n = int(placement.spec.data.size)
+        if batches and size + n <= max_pixels:
+            batches[-1].append(placement)
+            size += n
+        else:
+            batches.append([placement])
+            size = n
+    return batches + [[p] for p in extra]
+
+
 def _stamp(metadata: dict[str, Any], spec: LayerSpec) -> dict[str, Any]:
     meta = dict(metadata)
     entry = dict(meta.get(META_KEY, {}))
@@ -411,11 +439,18 @@ def _stamp(metadata: dict[str, Any], spec: LayerSpec) -> dict[str, Any]:
     return meta
 
 
-def apply_placements(viewer: Any, placements: Sequence[Placement], geometry: Geometry) -> list[Any]:
+def apply_placements(
+    viewer: Any,
+    placements: Sequence[Placement],
+    geometry: Geometry,
+    insert_at: int | None = None,
+) -> list[Any]:
     """Add or update layers in ``viewer`` (Qt thread); returns the layers written.
 
-    New layers carry ``geometry``. Updates of Labels layers go through ``data_setitem`` (one
-    undo step per layer: ``layer.undo()`` restores the previous result).
+    New layers carry ``geometry`` and are appended (or inserted at ``insert_at``). Updates of
+    Labels layers go through ``data_setitem`` (one undo step per layer: ``layer.undo()``
+    restores the previous result); geometry attributes are only set where they differ (each
+    assignment re-transforms the layer's visual).
     """
     from napari.layers import Layer
 
@@ -430,7 +465,10 @@ def apply_placements(viewer: Any, placements: Sequence[Placement], geometry: Geo
             )
             if spec.layer_type == "labels" and spec.role == "prompt":
                 layer.selected_label = int(spec.kwargs["features"]["index"][0])
-            viewer.layers.append(layer)
+            if insert_at is None:
+                viewer.layers.append(layer)
+            else:
+                viewer.layers.insert(insert_at, layer)
             written.append(layer)
             continue
         layer = placement.target
@@ -445,6 +483,10 @@ def apply_placements(viewer: Any, placements: Sequence[Placement], geometry: Geo
         for attr, value in geometry.kwargs().items():
             if attr in ("units", "axis_labels"):
                 continue
-            setattr(layer, attr, value)
+            current = getattr(layer, attr)
+            if attr == "affine":
+                current = current.affine_matrix
+            if np.shape(current) != np.shape(value) or not np.allclose(current, value):
+                setattr(layer, attr, value)
         written.append(layer)
     return written

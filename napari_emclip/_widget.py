@@ -3,6 +3,12 @@
 The widget only gathers settings, starts :func:`napari_emclip._worker.execute` on a thread-pool
 worker and places the returned layers; all model work is done by ``emclip``. Building the
 widget imports neither torch nor the model code (they load on the first Run).
+
+Latency: the loaded model stays in the widget's :class:`~napari_emclip._worker.ModelSlot`
+between runs (released when the widget or its viewer closes); the worker's progress is shown
+by a 20 Hz poll rather than one repaint per report; the visible result layers are added in one
+event-loop turn (one repaint) when they are small, optional layers (probability maps, the
+hidden cluster map) afterwards.
 """
 
 from __future__ import annotations
@@ -26,10 +32,10 @@ from emclip.errors import (
     InvalidPromptError,
     PretrainedWeightsUnavailable,
 )
-from emclip.prompts import PRESETS, parse_prompts
+from emclip.prompts import PRESETS
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -48,8 +54,18 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
-from ._layers import RunInfo, apply_placements, geometry_of, layer_image_data, plan_placements
+from ._layers import (
+    MAIN_ROLES,
+    RunInfo,
+    apply_placements,
+    geometry_of,
+    layer_image_data,
+    placement_batches,
+    plan_placements,
+)
+from ._widget_sections import Sections
 from ._worker import (
+    ModelSlot,
     OutOfMemory,
     RunOutcome,
     RunRequest,
@@ -72,6 +88,17 @@ MODALITY_LABELS = {
 OTHER_MODALITY = "other (generic templates)"
 BROWSE = "__browse__"
 DISCLAIMER = "Research use only: not for diagnosis. Check every mask."
+POLL_MS = 50
+"""Progress and stage texts are shown at most this often (20 Hz): each repaint of the dock
+re-composites napari's OpenGL canvas (~16 ms with a software renderer)."""
+QUIET_S = 0.25
+"""Nothing is shown during a run's first quarter second (a quick run ends without intermediate
+repaints); after that the progress, or an animated busy bar while none was reported yet."""
+NOTIFY_DELAY_MS = 100
+"""A finished run's napari notification waits this long (the new layers are drawn first)."""
+BATCH_PIXELS = 8_000_000
+"""Visible result layers are added together in one event-loop turn up to this many pixels
+(one repaint instead of one per layer); bigger results one layer per turn."""
 
 _SOURCE_IDS: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
@@ -132,10 +159,64 @@ def _run_request(request: RunRequest, **callbacks: Any) -> RunOutcome:
 
 
 class _Relay(QObject):
-    """Carries worker-thread callbacks to the Qt thread (queued signal connections)."""
+    """Worker-thread reports as Qt signals, for listeners (tests, benchmarks); the widget itself
+    polls :class:`_Report` instead (at most 20 repaints a second)."""
 
     progress = Signal(int, int)
     stage = Signal(str)
+
+
+class _Report:
+    """The latest progress and stage of a run, written by the worker thread, read by the poll.
+
+    ``emit`` re-emits each report on the relay; a relay already deleted (widget closed) is
+    ignored so that the worker only stops through its cancel flag.
+    """
+
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+        self.progress: tuple[int, int] | None = None
+        self.stage: str | None = None
+
+    def on_progress(self, done: int, total: int) -> None:
+        self.progress = (int(done), int(total))
+        self._emit(self.relay.progress, done, total)
+
+    def on_stage(self, text: str) -> None:
+        self.stage = text
+        self._emit(self.relay.stage, text)
+
+    @staticmethod
+    def _emit(signal: Any, *args: Any) -> None:
+        try:
+            signal.emit(*args)
+        except RuntimeError:  # the widget (and its relay) was deleted
+            pass
+
+
+@dataclass
+class _Lifetime:
+    """What must stop and be released when the widget goes away (holds no Qt object of it).
+
+    Connected to the widget's ``destroyed`` signal too, so closing the whole viewer (which
+    deletes the dock widget without a close event) still cancels the run and frees the model.
+    """
+
+    models: ModelSlot = field(default_factory=ModelSlot)
+    cancel_event: threading.Event | None = None
+    worker: Any = None
+    closed: bool = False
+
+    def release(self, *_: Any) -> None:
+        self.closed = True
+        if self.cancel_event is not None:
+            self.cancel_event.set()
+        if self.worker is not None:
+            try:
+                self.worker.quit()  # its result is never delivered
+            except RuntimeError:
+                pass
+        self.models.clear()
 
 
 @dataclass
@@ -153,8 +234,11 @@ class _ActiveRun:
     placements: list[Any] = field(default_factory=list)
     pending: list[Any] = field(default_factory=list)
     written: list[Any] = field(default_factory=list)
+    written_roles: list[str] = field(default_factory=list)
     placing: bool = False
     worker_done: bool = False
+    report: _Report | None = None
+    shown: tuple[Any, Any] = (None, None)
 
 
 class EMClipWidget(QWidget):
@@ -176,14 +260,19 @@ class EMClipWidget(QWidget):
         self.viewer = napari_viewer
         self._run: _ActiveRun | None = None
         self._relay = _Relay(self)
-        self._relay.progress.connect(self._on_progress)
-        self._relay.stage.connect(self._on_stage)
+        self._life = _Lifetime()
+        self.destroyed.connect(self._life.release)
+        self._poll = QTimer(self)
+        self._poll.setInterval(POLL_MS)
+        self._poll.timeout.connect(self._poll_run)
         self._preset_texts = {", ".join(v) for v in PRESETS.values()}
         self._last_model_index = 0
         self.last_layers: list[Any] = []
         self.last_outcome: RunOutcome | None = None
         self.last_message: tuple[str, str] = ("", "")
         self._image_list: list[Image] = []
+        self._docked = False
+        self._deferred: list[tuple[str, str]] = []
         self._build_ui()
         self._connect_viewer()
         self._refresh_images()
@@ -263,6 +352,8 @@ class EMClipWidget(QWidget):
         )
         form.addRow("Tile size", self.tile_spin)
 
+        self.sections = Sections(self, layout)
+
         outputs = QGroupBox("Outputs")
         out_layout = QVBoxLayout(outputs)
         self.combined_check = QCheckBox("one combined labels layer (overlaps resolved by score)")
@@ -280,6 +371,7 @@ class EMClipWidget(QWidget):
         self.cancel_button.clicked.connect(self.cancel)
         buttons.addWidget(self.run_button)
         buttons.addWidget(self.cancel_button)
+        buttons.addWidget(self.sections.automatic_button)
         layout.addLayout(buttons)
 
         self.progress_bar = QProgressBar()
@@ -485,15 +577,32 @@ class EMClipWidget(QWidget):
 
     # ------------------------------------------------------------------ messages
 
-    def _notify(self, level: str, text: str) -> None:
+    def _notify(self, level: str, text: str, defer: bool = False) -> None:
+        """Status line now; napari notification now, or with ``defer`` shortly after (so that
+        the canvas draws new layers before napari builds the notification's pop-up)."""
         self.last_message = (level, text)
         self.status_label.setText(text)
+        if defer:
+            self._deferred.append((level, text))
+            QTimer.singleShot(NOTIFY_DELAY_MS, self._flush_notifications)
+        else:
+            self._show(level, text)
+
+    def _flush_notifications(self) -> None:
+        pending, self._deferred = self._deferred, []
+        for level, text in pending:
+            self._show(level, text)
+
+    @staticmethod
+    def _show(level: str, text: str) -> None:
         {"info": show_info, "warning": show_warning, "error": show_error}[level](text)
 
     # ------------------------------------------------------------------ run / cancel
 
     def run(self) -> bool:
         """Start a run with the current settings; False (and a message) if it cannot start."""
+        if self._life.closed:
+            return False
         if self._run is not None:
             self._notify(
                 "warning", "A run is already in progress: wait for it to finish or press Cancel."
@@ -506,7 +615,7 @@ class EMClipWidget(QWidget):
             )
             return False
         try:
-            prompts = parse_prompts(self.prompts_text())
+            prompts = self.sections.prompts(self.prompts_text())
         except InvalidPromptError as exc:
             self._notify("warning", _sentence(exc))
             return False
@@ -524,7 +633,7 @@ class EMClipWidget(QWidget):
         info = RunInfo(
             source_id=source_id(layer),
             source_name=layer.name,
-            prompts=prompts,
+            prompts=prompts or [],
             model=model_source or "default",
             threshold=float(self.threshold_spin.value()),
             modality=self.modality_combo.currentData(),
@@ -543,18 +652,27 @@ class EMClipWidget(QWidget):
             combined=self.combined_check.isChecked(),
             clusters=self.clusters_check.isChecked(),
             probabilities=self.probabilities_check.isChecked(),
+            models=self._life.models,
         )
+        try:
+            self.sections.prepare(request, layer)
+        except (EMClipError, ValueError) as exc:
+            self._notify("warning", _sentence(exc))
+            return False
         from napari.qt.threading import FunctionWorker
 
         cancel_event = threading.Event()
+        report = _Report(self._relay)
         worker = FunctionWorker(
             _run_request,
             request,
-            progress=self._relay.progress.emit,
+            progress=report.on_progress,
             cancel=cancel_event.is_set,
-            stage=self._relay.stage.emit,
+            stage=report.on_stage,
         )
         self._run = _ActiveRun(worker, cancel_event, layer, data, request, time.perf_counter())
+        self._run.report = report
+        self._life.cancel_event, self._life.worker = cancel_event, worker
         layer.events.data.connect(self._on_source_data_changed)
         worker.returned.connect(self._on_returned)
         worker.errored.connect(self._on_errored)
@@ -562,9 +680,13 @@ class EMClipWidget(QWidget):
         worker.warned.connect(self._on_warned)
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
-        self.progress_bar.setRange(0, 0)  # busy until the first progress report
-        self.status_label.setText(f"Segmenting {', '.join(prompts)} in {layer.name!r}…")
-        worker.start()
+        # the progress bar is left to the poll: QProgressBar.setValue repaints the window at
+        # once (synchronously), which would delay the worker's start
+        self.status_label.setText(f"Segmenting {', '.join(prompts) if prompts is not None else 'every known structure'} in {layer.name!r}…")
+        # start the thread now: worker.start() would wait for the next event-loop turn, i.e.
+        # until the dock has been repainted (tens of ms with a software OpenGL canvas)
+        QThreadPool.globalInstance().start(worker)
+        self._poll.start()
         self.run_started.emit()
         return True
 
@@ -576,16 +698,24 @@ class EMClipWidget(QWidget):
         self.cancel_button.setEnabled(False)
         self.status_label.setText("Cancelling…")
 
-    def _on_progress(self, done: int, total: int) -> None:
-        if self._run is None:
+    def _poll_run(self) -> None:
+        """Show the run's latest progress and stage (timer, 20 Hz; only what changed)."""
+        run = self._run
+        if run is None or run.report is None or run.placing:
             return
-        if total > 0:
+        if time.perf_counter() - run.started < QUIET_S:
+            return  # a quick run finishes without a single intermediate repaint
+        progress, stage = run.report.progress, run.report.stage
+        shown_progress, shown_stage = run.shown
+        if progress != shown_progress and progress is not None and progress[1] > 0:
+            done, total = progress
             self.progress_bar.setRange(0, total)
             self.progress_bar.setValue(min(done, total))
-
-    def _on_stage(self, text: str) -> None:
-        if self._run is not None and not self._run.cancel_event.is_set():
-            self.status_label.setText(f"{text[:1].upper()}{text[1:]}…")
+        elif progress is None and self.progress_bar.maximum() != 0:
+            self.progress_bar.setRange(0, 0)  # busy: e.g. the model is loading
+        if stage != shown_stage and stage and not run.cancel_event.is_set():
+            self.status_label.setText(f"{stage[:1].upper()}{stage[1:]}…")
+        run.shown = (progress, stage)
 
     def _on_warned(self, warning: tuple) -> None:
         message, category = warning[0], warning[1]
@@ -643,28 +773,52 @@ class EMClipWidget(QWidget):
         run.placements = plan_placements(
             outcome.specs, list(self.viewer.layers), run.request.info.source_id
         )
-        run.pending = list(run.placements)
+        run.pending = placement_batches(run.placements, BATCH_PIXELS)
         run.placing = True
         self.cancel_button.setEnabled(False)  # the result is accepted: it is being added
         self.status_label.setText("Adding layers…")
         self.result_received.emit(len(run.placements))
-        QTimer.singleShot(0, self._place_next)
+        self._place_next()
 
     def _place_next(self) -> None:
-        """Add or update one layer, then yield to the event loop (napari needs ~0.2-0.7 s per
-        new Labels layer on the Qt thread; one at a time keeps the viewer responsive)."""
+        """Add or update one batch of layers, then yield to the event loop.
+
+        napari needs ~0.15-0.7 s per new Labels layer on the Qt thread (vispy visuals, editing
+        overlays, layer controls); small visible results go in one batch (one repaint), big
+        ones and the optional layers one per event-loop turn so the viewer stays responsive.
+        """
         run = self._run
         if run is None:
             return
-        if run.pending:
-            placement = run.pending.pop(0)
-            run.written += apply_placements(self.viewer, [placement], run.geometry)
-            QTimer.singleShot(0, self._place_next)
-            return
+        while run.pending:
+            batch = run.pending.pop(0)
+            for placement in batch:
+                layers = apply_placements(
+                    self.viewer,
+                    [placement],
+                    run.geometry,
+                    insert_at=self._insert_index(run, placement),
+                )
+                run.written += layers
+                run.written_roles += [placement.spec.role] * len(layers)
+            if run.pending and not self._life.closed:
+                QTimer.singleShot(0, self._place_next)
+                return
         run.placing = False
         self._report_done(run)
         if run.worker_done:
             self._finish_run()
+
+    def _insert_index(self, run: _ActiveRun, placement: Any) -> int | None:
+        """Probability maps go below the result labels (added first), the rest on top."""
+        if placement.spec.role != "probability":
+            return None
+        labels = [
+            layer
+            for layer, role in zip(run.written, run.written_roles)
+            if role in MAIN_ROLES and layer in self.viewer.layers
+        ]
+        return min(self.viewer.layers.index(layer) for layer in labels) if labels else None
 
     def _report_done(self, run: _ActiveRun) -> None:
         outcome = run.outcome
@@ -695,9 +849,10 @@ class EMClipWidget(QWidget):
                 "warning",
                 f"Not found in {run.layer.name!r}: {missing} (no mask added; try a lower threshold or another "
                 f"wording)." + (f" Added {'; '.join(parts)}." if parts else ""),
+                defer=True,
             )
         else:
-            self._notify("info", "Done: " + "; ".join(parts) + ".")
+            self._notify("info", "Done: " + "; ".join(parts) + ".", defer=True)
 
     def _on_errored(self, exc: BaseException) -> None:
         run = self._run
@@ -741,18 +896,74 @@ class EMClipWidget(QWidget):
         except (TypeError, ValueError, RuntimeError):
             pass
         self._run = None
-        self.run_button.setEnabled(True)
+        self._poll.stop()
+        if self._life.worker is run.worker:
+            self._life.cancel_event, self._life.worker = None, None
+        self.run_button.setEnabled(not self._life.closed)
         self.cancel_button.setEnabled(False)
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(1 if run.status == "done" else 0)
+        # only if it changes: QProgressBar.setValue repaints the window synchronously, before
+        # the canvas could draw the new layers
+        value = 1 if run.status == "done" else 0
+        if (self.progress_bar.minimum(), self.progress_bar.maximum()) != (0, 1):
+            self.progress_bar.setRange(0, 1)
+        if self.progress_bar.value() != value:
+            self.progress_bar.setValue(value)
         self.run_finished.emit(run.status)
 
     # ------------------------------------------------------------------ teardown
 
-    def closeEvent(self, event: Any) -> None:
-        self.cancel()
+    @property
+    def is_closed(self) -> bool:
+        return self._life.closed
+
+    def shutdown(self) -> None:
+        """Close down (idempotent; called when the widget closes or leaves its dock).
+
+        A running job is cancelled and its result never added; a result already being added
+        is completed at once (the viewer never keeps half a result); the worker is told to quit,
+        the loaded model is released, and the widget stops listening to the viewer.
+        """
+        if self._life.closed:
+            return
+        self._life.release()  # cancel flag, worker.quit(), model slot cleared
+        run = self._run
+        if run is not None and run.placing:
+            self._place_next()  # with the widget closed, adds every remaining batch now
+        run = self._run
+        if run is not None:
+            for signal, slot in (
+                (run.worker.returned, self._on_returned),
+                (run.worker.errored, self._on_errored),
+                (run.worker.finished, self._on_finished),
+                (run.worker.warned, self._on_warned),
+            ):
+                try:
+                    signal.disconnect(slot)
+                except (TypeError, RuntimeError):
+                    pass
+            if not run.placing and run.status != "done":
+                run.status = "cancelled"
+            run.placing = False
+            self._finish_run()
+        self._poll.stop()
+        self.last_outcome = None
+        self.last_layers = []
+        self.status_label.setText("Closed.")
         try:
             self._disconnect_viewer()
         except (TypeError, ValueError, RuntimeError):
             pass
+
+    def closeEvent(self, event: Any) -> None:
+        self.shutdown()
         super().closeEvent(event)
+
+    def event(self, event: Any) -> bool:
+        # napari's dock close button takes the widget out of its dock (setParent(None)) without
+        # closing it: treat leaving the dock like closing
+        if event.type() == QEvent.Type.ParentChange:
+            if self.parent() is not None:
+                self._docked = True
+            elif getattr(self, "_docked", False):
+                self.shutdown()
+        return super().event(event)

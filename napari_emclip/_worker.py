@@ -10,7 +10,9 @@ to try next.
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -34,11 +36,13 @@ class RunRequest:
     ``image`` is the source layer's array (not a copy); ``channel_axis`` is an axis of it or
     None; ``stack_axis`` (an axis of ``image``) is the slice axis used when the image without
     channels is 3D. ``model_source`` is None (bundled default), a config name or a checkpoint
-    folder. ``tile_size`` None lets emclip decide (it tiles very large images).
+    folder. ``tile_size`` None lets emclip decide (it tiles very large images). ``models``: the
+    widget's :class:`ModelSlot` (keeps the model loaded between runs); None loads through
+    emclip's shared cache.
     """
 
     image: Any
-    prompts: list[str]
+    prompts: list[str] | None
     info: RunInfo
     model_source: str | None = None
     device: str = "auto"
@@ -50,6 +54,74 @@ class RunRequest:
     combined: bool = False
     clusters: bool = False
     probabilities: bool = False
+    models: ModelSlot | None = None
+    call_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra keyword arguments of the library call (exemplars, channels, affine, axis, ...),
+    set by the widget's sections (:mod:`napari_emclip._widget_sections`)."""
+    volume: bool = False
+    """True: ``emclip.segment_volume`` (3D, anatomical ``axis``, named channels) instead of
+    ``segment``/``segment_stack``."""
+
+
+def files_stamp(source: str | None) -> tuple:
+    """Names, sizes and mtimes of a checkpoint folder's files (or of one file); () for config
+    names. A changed stamp means the model must be loaded again."""
+    if source is None:
+        from emclip.inference import model_loading
+
+        path = model_loading.DEFAULT_MODEL_DIR
+    else:
+        path = source
+    try:
+        if os.path.isdir(path):
+            entries = sorted((e for e in os.scandir(path) if e.is_file()), key=lambda e: e.name)
+            return tuple((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries)
+        if os.path.isfile(path):
+            st = os.stat(path)
+            return ((os.path.basename(path), st.st_size, st.st_mtime_ns),)
+    except OSError:
+        pass
+    return ()
+
+
+class ModelSlot:
+    """The one model a widget keeps loaded between runs (thread-safe).
+
+    Loaded with ``emclip.load_model(..., cache=False)``, so the slot holds the only long-lived
+    reference: :meth:`clear` (called when the widget closes) lets the model be freed. A run with
+    another source or device, or after the checkpoint's files changed, loads anew and replaces
+    the model.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._model: Any = None
+
+    @property
+    def model(self) -> Any:
+        return self._model
+
+    def get(self, source: str | None, device: str) -> Any:
+        """The model for ``source`` on ``device``, loading it if the slot holds another."""
+        from emclip import inference
+
+        key = (source, device, files_stamp(source))
+        with self._lock:
+            if self._key == key and self._model is not None:
+                return self._model
+        model = inference.load_model(source, device=device, cache=False)
+        with self._lock:
+            self._key, self._model = key, model
+        return model
+
+    def clear(self) -> None:
+        """Forget the model (and return cached GPU memory to the driver if torch is loaded)."""
+        with self._lock:
+            self._key, self._model = None, None
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 @dataclass
@@ -64,6 +136,8 @@ class RunOutcome:
     seconds: float = 0.0
     device: str = ""
     tiled: bool = False
+    info: dict[str, Any] = field(default_factory=dict)
+    """The library result's ``info`` (e.g. the recognised modality of a prompt-free run)."""
 
     @property
     def source_changed(self) -> bool:
@@ -138,7 +212,10 @@ def execute(
     check_cancel(cancel)
 
     say("loading the model")
-    model = inference.load_model(request.model_source, device=request.device)
+    if request.models is not None:
+        model = request.models.get(request.model_source, request.device)
+    else:
+        model = inference.load_model(request.model_source, device=request.device)
     check_cancel(cancel)
 
     kwargs: dict[str, Any] = {
@@ -152,7 +229,12 @@ def execute(
     }
     say("segmenting")
     try:
-        if spatial_ndim(image.shape, request.channel_axis) == 3:
+        kwargs.update(request.call_kwargs)
+        if request.volume:
+            from emclip import volume_segmentation
+
+            result = volume_segmentation.segment_volume(image, request.prompts, **kwargs)
+        elif spatial_ndim(image.shape, request.channel_axis) == 3:
             result = inference.segment_stack(
                 image, request.prompts, axis=request.stack_axis, **kwargs
             )
@@ -190,4 +272,5 @@ def execute(
         seconds=time.perf_counter() - start,
         device=str(getattr(result, "device", "")),
         tiled=bool(getattr(result, "tiled", False)),
+        info=dict(getattr(result, "info", None) or {}),
     )

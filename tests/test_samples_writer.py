@@ -109,3 +109,72 @@ def test_writer_keeps_old_file_when_writing_fails(tmp_path, monkeypatch):
 def test_writer_refuses_4d_labels(tmp_path):
     with pytest.raises(ValueError, match="2D or 3D"):
         write_labels(str(tmp_path / "x.tif"), np.zeros((2, 2, 2, 2), np.uint8), {"name": "x"})
+
+
+def _saved_masks(path):
+    return read_mask_tiff(path).masks
+
+
+def test_writing_twice_keeps_the_previous_file_as_a_backup(tmp_path, monkeypatch):
+    from napari_emclip import _writer
+
+    told = []
+    monkeypatch.setattr(_writer, "_notify", told.append)
+    target = tmp_path / "cup.tif"
+    first = np.zeros((6, 6), np.uint8)
+    first[1:3, 1:3] = 1
+    second = np.zeros((6, 6), np.uint8)
+    second[3:5, 3:5] = 1
+    write_labels(str(target), first, {"name": "optic cup"})
+    assert told == []  # nothing existed: nothing to keep, nothing said
+    write_labels(str(target), second, {"name": "optic cup"})
+    backup = tmp_path / "cup.previous.tif"
+    np.testing.assert_array_equal(_saved_masks(target)[0], second)
+    np.testing.assert_array_equal(_saved_masks(backup)[0], first)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cup.previous.tif", "cup.tif"]
+    assert len(told) == 1 and "cup.previous.tif" in told[0]
+    # a third save keeps the second version (the backup is the version before the last save)
+    write_labels(str(target), first, {"name": "optic cup"})
+    np.testing.assert_array_equal(_saved_masks(backup)[0], second)
+    np.testing.assert_array_equal(_saved_masks(target)[0], first)
+
+
+@pytest.mark.parametrize("fail_at", ["backup", "final rename"])
+def test_a_crash_while_replacing_leaves_the_old_file_intact(tmp_path, monkeypatch, fail_at):
+    import os
+
+    target = tmp_path / "disc.tif"
+    old = np.ones((4, 4), np.uint8)
+    write_labels(str(target), old, {"name": "optic disc"})
+    before = target.read_bytes()
+    real_replace = os.replace
+
+    def crashing_replace(src, dst):
+        name = os.path.basename(os.fspath(dst))
+        if (fail_at == "backup" and name == "disc.previous.tif") or (
+            fail_at == "final rename" and name == "disc.tif"
+        ):
+            raise OSError("simulated crash")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        write_labels(str(target), old * 0, {"name": "optic disc"})
+    assert target.read_bytes() == before  # the old file is intact...
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert all(not n.startswith(".") for n in names)  # ...and no temporary file is left behind
+    if "disc.previous.tif" in names:  # the backup, if it was made, is the old file too
+        assert (tmp_path / "disc.previous.tif").read_bytes() == before
+
+
+def test_sample_names_and_metadata_state_synthetic_data_and_licences():
+    import yaml
+
+    (_, ikw, _), (_, lkw, _) = _samples.cardiac_sample()
+    assert "synthetic" in ikw["name"] and "synthetic" in lkw["name"]
+    assert "BSD-3-Clause" in ikw["metadata"]["license"]
+    [(_, fkw, _)] = _samples.fundus_sample()
+    assert fkw["metadata"]["license"].startswith("CC0")
+    manifest = yaml.safe_load((Path(_samples.__file__).parent / "napari.yaml").read_text())
+    [cardiac] = [s for s in manifest["contributions"]["sample_data"] if s["key"] == "cardiac_mri"]
+    assert "Synthetic" in cardiac["display_name"] and "BSD-3-Clause" in cardiac["display_name"]

@@ -36,10 +36,11 @@ def known_masks(monkeypatch):
 
     control = SimpleNamespace(scale=1.0, calls=0)
     model = inference.load_model("tiny", device="cpu")
-    original = model.predict_logits
+    cls = type(model)  # patched on the class: the widget loads its own instance
+    original = cls.predict_logits
 
-    def predict(images, prompts, modality=None):
-        out = original(images, prompts, modality=modality)
+    def predict(self, images, prompts, modality=None):
+        out = original(self, images, prompts, modality=modality)
         control.calls += 1
         h, w = out.logits.shape[-2:]
         yy, xx = torch.meshgrid(torch.arange(h) + 0.5, torch.arange(w) + 0.5, indexing="ij")
@@ -54,7 +55,7 @@ def known_masks(monkeypatch):
         out.logits = logits
         return out
 
-    monkeypatch.setattr(model, "predict_logits", predict)
+    monkeypatch.setattr(cls, "predict_logits", predict)
     return control
 
 
@@ -619,3 +620,168 @@ def test_screenshot_shows_the_labels(make_napari_viewer, known_masks, qtbot):
     # the coloured area is about the disc's share of the image's footprint on the canvas
     image_px = (without[..., :3].sum(-1) > 0).sum()
     assert diff.sum() / image_px == pytest.approx(np.pi * RADII[0] ** 2, rel=0.3)
+
+
+# ============================================================================ closing, latency
+
+
+def test_placement_batches_put_visible_results_first_and_split_big_ones():
+    specs, _ = build_layer_specs(_fake_result(), INFO, clusters=True, probabilities=True)
+    plan = plan_placements(specs, [], "src")
+    batches = _layers.placement_batches(plan, max_pixels=2 * 32 * 32)
+    roles = [[p.spec.role for p in b] for b in batches]
+    assert roles == [["prompt", "prompt"], ["probability"], ["probability"], ["probability"], ["clusters"]]
+    small = _layers.placement_batches(plan, max_pixels=32 * 32)  # one prompt layer per batch
+    assert [[p.spec.role for p in b] for b in small][:2] == [["prompt"], ["prompt"]]
+
+
+def test_model_slot_keeps_one_model_and_reloads_when_the_checkpoint_changes(tmp_path, monkeypatch):
+    from emclip import inference
+
+    from napari_emclip._worker import ModelSlot
+
+    loads = []
+
+    def fake_load(source, device="auto", cache=True):
+        assert cache is False  # the slot, not emclip's shared cache, owns the model
+        loads.append(source)
+        return object()
+
+    monkeypatch.setattr(inference, "load_model", fake_load)
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    slot = ModelSlot()
+    first = slot.get(str(folder), "cpu")
+    assert slot.get(str(folder), "cpu") is first and len(loads) == 1  # warm: not loaded again
+    (folder / "model.safetensors").write_bytes(b"new weights")  # the checkpoint changed
+    second = slot.get(str(folder), "cpu")
+    assert second is not first and len(loads) == 2
+    assert slot.get(str(folder), "auto") is not second and len(loads) == 3  # another device
+    slot.clear()
+    assert slot.model is None
+
+
+def _start_long_run(qtbot, w, viewer):
+    """A 24-slice stack run, returned once the model is loaded and slices are being segmented."""
+    vol = viewer.add_image(_stack(24), name="stack")
+    w.set_image_layer(vol)
+    w.set_prompts("left ventricle, myocardium")
+    before = layer_names(viewer)
+    assert w.run()
+    run = w._run
+    qtbot.waitUntil(lambda: run.report.progress is not None and run.report.progress[0] >= 1, timeout=30_000)
+    return run, before
+
+
+@pytest.mark.parametrize("how", ["dock close button", "closeEvent"])
+def test_closing_the_widget_mid_run_cancels_and_releases_the_model(setup, qtbot, how):
+    import gc
+    import weakref
+
+    w, viewer = setup.widget, setup.viewer
+    run, before = _start_long_run(qtbot, w, viewer)
+    model = weakref.ref(w._life.models.model)
+    assert model() is not None
+    worker = run.worker
+    with qtbot.waitSignal(w.run_finished, timeout=5_000) as blocker:
+        if how == "dock close button":
+            viewer.window.remove_dock_widget(w)  # what napari's close button on the dock does
+        else:
+            w.close()
+    assert blocker.args == ["cancelled"] and w.is_closed
+    assert worker.abort_requested and w._life.models.model is None
+    qtbot.waitUntil(lambda w=worker: not w.is_running, timeout=5_000)  # stops at its cancel check
+    qtbot.wait(300)  # anything it might still deliver
+    assert layer_names(viewer) == before  # nothing added, now or later
+    assert not w.is_running and not w.run()  # a closed widget starts nothing
+    del run, worker
+    gc.collect()
+    assert model() is None, gc.get_referrers(model())
+
+
+def test_closing_the_widget_after_a_run_releases_the_model(setup, qtbot):
+    import gc
+    import weakref
+
+    w = setup.widget
+    w.set_prompts("optic disc")
+    assert run_and_wait(qtbot, w) == "done"
+    model = weakref.ref(w._life.models.model)
+    assert run_and_wait(qtbot, w) == "done"
+    assert w._life.models.model is model()  # kept warm between runs
+    setup.viewer.window.remove_dock_widget(w)
+    gc.collect()
+    assert model() is None
+    assert layer_names(setup.viewer) == ["fundus", "optic disc"]
+
+
+def test_closing_the_viewer_mid_run_cancels_and_releases_the_model(setup, qtbot):
+    import gc
+    import weakref
+
+    w, viewer = setup.widget, setup.viewer
+    run, _ = _start_long_run(qtbot, w, viewer)
+    model = weakref.ref(w._life.models.model)
+    worker = run.worker
+    life = w._life
+    viewer.close()
+    qtbot.waitUntil(lambda: life.closed, timeout=5_000)  # the dock widget was destroyed
+    assert worker.abort_requested
+    qtbot.waitUntil(lambda w=worker: not w.is_running, timeout=5_000)
+    qtbot.wait(300)
+    del run, worker, w
+    setup.widget = None
+    gc.collect()
+    assert model() is None
+
+
+def test_progress_is_shown_at_most_20_times_a_second(setup, qtbot, monkeypatch):
+    """Every report would repaint the dock (and re-composite the canvas); the poll caps it."""
+    from emclip import inference
+
+    real = inference.segment
+
+    def chatty(image, prompts, progress=None, **kwargs):  # 300 reports in ~0.3-0.6 s
+        for i in range(300):
+            progress(i, 300)
+            time.sleep(0.001)
+        return real(image, prompts, progress=progress, **kwargs)
+
+    monkeypatch.setattr(inference, "segment", chatty)
+    w = setup.widget
+    w.set_prompts("optic disc")
+    reports, shown = [], []
+    w._relay.progress.connect(lambda d, t: reports.append(time.perf_counter()))
+    w.progress_bar.valueChanged.connect(lambda v: shown.append(time.perf_counter()))
+    start = time.perf_counter()
+    assert run_and_wait(qtbot, w) == "done"
+    seconds = time.perf_counter() - start
+    assert len(reports) >= 300
+    assert len(shown) <= seconds / 0.05 + 3, (len(shown), seconds)
+    assert w.progress_bar.value() == w.progress_bar.maximum()  # ends full
+
+
+def test_in_place_updates_follow_the_image_geometry_and_leave_equal_geometry_alone():
+    from napari.components import ViewerModel
+
+    viewer = ViewerModel()
+    image = viewer.add_image(np.zeros((32, 32)), name="fundus", scale=(0.5, 0.5))
+    specs, _ = build_layer_specs(_fake_result(), INFO)
+    _layers.apply_placements(
+        viewer, plan_placements(specs, list(viewer.layers), "src"), _layers.geometry_of(image)
+    )
+    disc = viewer.layers["optic disc"]
+    events = []
+    for name in ("scale", "translate", "rotate", "shear", "affine"):
+        getattr(disc.events, name).connect(lambda e, name=name: events.append(name))
+    specs, _ = build_layer_specs(_fake_result(), INFO)
+    plan = plan_placements(specs, list(viewer.layers), "src")
+    assert all(p.is_update for p in plan)
+    _layers.apply_placements(viewer, plan, _layers.geometry_of(image))
+    assert events == []  # same geometry: no transform is touched (each one redraws the layer)
+    image.scale, image.rotate = (2.0, 3.0), 30.0
+    _layers.apply_placements(viewer, plan, _layers.geometry_of(image))
+    np.testing.assert_allclose(disc.scale, (2.0, 3.0))
+    np.testing.assert_allclose(disc.rotate, image.rotate)
+    assert "scale" in events and "rotate" in events
