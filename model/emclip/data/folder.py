@@ -21,18 +21,22 @@ from .format import IMAGE_SUFFIXES, MASK_SUFFIXES, DatasetSpec, read_meta, read_
 class Sample:
     """One 2D image with its labels.
 
-    ``image``: as stored, ``(H, W)`` or ``(H, W, C)``; ``labels``: ``(H, W)`` integer label map;
+    ``image``: as stored, ``(H, W)`` or ``(H, W, C)``; ``labels``: ``(H, W)`` integer label map
+    (None only for an image without a mask in a dataset opened with ``allow_unlabelled=True``);
     ``spacing``: (row, col) pixel size in mm when known, else None (distances are then in pixels);
     ``intensity_range``: a fixed (lo, hi) window for :func:`emclip.preprocess.to_float_rgb`, or None
     for the per-image robust window.
     """
 
     image: np.ndarray
-    labels: np.ndarray
+    labels: np.ndarray | None
     id: str
     spec: DatasetSpec
     spacing: tuple[float, float] | None = None
     intensity_range: tuple[float, float] | None = None
+    channels: tuple[str, ...] | None = None
+    """Multi-sequence volume slices only: sequence names of the channels of ``image (H, W, C)``,
+    which is then already normalised per sequence to [0, 1] (emclip.sequences)."""
 
     def structure_masks(self) -> np.ndarray:
         """``[P, H, W]`` bool, one mask per structure of ``spec`` (union of its values)."""
@@ -110,10 +114,13 @@ class FolderDataset:
 
     ``ids`` restricts to those stems (default: all pairs, sorted). Pairing is checked at
     construction (a missing mask or image raises :class:`DatasetError` naming the file); shapes
-    and mask values are checked on every read.
+    and mask values are checked on every read. ``allow_unlabelled=True`` keeps images that have no
+    mask (for semi-supervised training): their samples have ``labels=None`` and
+    :meth:`has_mask` is False.
     """
 
-    def __init__(self, root: str | Path | DatasetSpec, ids: Sequence[str] | None = None):
+    def __init__(self, root: str | Path | DatasetSpec, ids: Sequence[str] | None = None, *,
+                 allow_unlabelled: bool = False):
         self.spec = root if isinstance(root, DatasetSpec) else read_spec(root)
         if self.spec.kind != "folder":
             raise DatasetError(
@@ -124,8 +131,9 @@ class FolderDataset:
         images = _index_folder(root / "images", IMAGE_SUFFIXES, "image")
         masks = _index_folder(root / "masks", MASK_SUFFIXES, "mask")
         for stem, p in images.items():
-            if stem not in masks:
-                raise DatasetError(f"{p}: no mask with the same name in {root / 'masks'} (expected {stem}.png)")
+            if stem not in masks and not allow_unlabelled:
+                raise DatasetError(f"{p}: no mask with the same name in {root / 'masks'} (expected {stem}.png); "
+                                   "images without masks are only used by semi-supervised training")
         for stem, p in masks.items():
             if stem not in images:
                 raise DatasetError(f"{p}: no image with the same name in {root / 'images'}")
@@ -140,6 +148,7 @@ class FolderDataset:
         self.ids: list[str] = all_ids
         self._images = images
         self._masks = masks
+        self.allow_unlabelled = allow_unlabelled
         self.meta = read_meta(root)
 
     def __len__(self) -> int:
@@ -147,13 +156,17 @@ class FolderDataset:
 
     def subset(self, indices: Sequence[int]) -> FolderDataset:
         """A dataset over ``[self.ids[i] for i in indices]``."""
-        return FolderDataset(self.spec, [self.ids[i] for i in indices])
+        return FolderDataset(self.spec, [self.ids[i] for i in indices], allow_unlabelled=self.allow_unlabelled)
 
     def image_path(self, i: int) -> Path:
         return self._images[self.ids[i]]
 
     def mask_path(self, i: int) -> Path:
         return self._masks[self.ids[i]]
+
+    def has_mask(self, i: int) -> bool:
+        """False for an image without a mask (only possible with ``allow_unlabelled=True``)."""
+        return self.ids[i] in self._masks
 
     def group_of(self, i: int) -> str:
         """Split group of sample ``i``: meta.csv ``patient``, else ``case``, else the id itself."""
@@ -173,6 +186,9 @@ class FolderDataset:
             return None
 
     def __getitem__(self, i: int) -> Sample:
+        if not self.has_mask(i):
+            return Sample(image=read_image_file(self.image_path(i)), labels=None, id=self.ids[i], spec=self.spec,
+                          spacing=self.spacing_of(i))
         img_path, mask_path = self.image_path(i), self.mask_path(i)
         image = read_image_file(img_path)
         labels = read_mask_file(mask_path)
@@ -185,12 +201,14 @@ class FolderDataset:
         return Sample(image=image, labels=labels, id=self.ids[i], spec=self.spec, spacing=self.spacing_of(i))
 
 
-def open_dataset(root: str | Path | DatasetSpec, **volume_options) -> FolderDataset | VolumeDataset:  # noqa: F821
+def open_dataset(root: str | Path | DatasetSpec, *, allow_unlabelled: bool = False,
+                 **volume_options) -> FolderDataset | VolumeDataset:  # noqa: F821
     """Open a dataset folder as a :class:`FolderDataset` or, when dataset.yaml names ``channels``,
-    a :class:`~emclip.data.volumes.VolumeDataset` (``volume_options``: axis, channel, ...)."""
+    a :class:`~emclip.data.volumes.VolumeDataset` (``volume_options``: axis, channel, ...).
+    ``allow_unlabelled`` (2D folders only, default False): keep images without a mask."""
     spec = root if isinstance(root, DatasetSpec) else read_spec(root)
     if spec.kind == "volume":
         from .volumes import VolumeDataset
 
         return VolumeDataset(spec, **volume_options)
-    return FolderDataset(spec)
+    return FolderDataset(spec, allow_unlabelled=allow_unlabelled)
