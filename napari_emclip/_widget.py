@@ -682,7 +682,8 @@ class EMClipWidget(QWidget):
         self.cancel_button.setEnabled(True)
         # the progress bar is left to the poll: QProgressBar.setValue repaints the window at
         # once (synchronously), which would delay the worker's start
-        self.status_label.setText(f"Segmenting {', '.join(prompts) if prompts is not None else 'every known structure'} in {layer.name!r}…")
+        what = ", ".join(prompts) if prompts is not None else "every known structure"
+        self.status_label.setText(f"Segmenting {what} in {layer.name!r}…")
         # start the thread now: worker.start() would wait for the next event-loop turn, i.e.
         # until the dock has been repainted (tens of ms with a software OpenGL canvas)
         QThreadPool.globalInstance().start(worker)

@@ -67,11 +67,16 @@ def test_contributions_resolve(manifest):
     for command in commands.values():
         module, attr = command.python_name.split(":")
         assert callable(getattr(importlib.import_module(module), attr)), command.python_name
-    [widget] = manifest.contributions.widgets
-    assert commands[widget.command].python_name == "napari_emclip._widget:EMClipWidget"
+    widgets = {commands[w.command].python_name for w in manifest.contributions.widgets}
+    assert widgets == {"napari_emclip._widget:EMClipWidget", "napari_emclip._training_widget:TrainingWidget"}
     assert {s.key for s in manifest.contributions.sample_data} == {"fundus", "cardiac_mri"}
-    [writer] = manifest.contributions.writers
-    assert writer.layer_types == ["labels"] and set(writer.filename_extensions) == {".tif", ".tiff"}
+    writers = {w.command: w for w in manifest.contributions.writers}
+    tiff = writers["napari-emclip.write_labels"]
+    assert tiff.layer_types == ["labels"] and set(tiff.filename_extensions) == {".tif", ".tiff"}
+    nifti = writers["napari-emclip.write_labels_nifti"]
+    assert nifti.layer_types == ["labels"] and set(nifti.filename_extensions) == {".nii", ".nii.gz"}
+    [reader] = manifest.contributions.readers
+    assert set(reader.filename_patterns) == {"*.nii", "*.nii.gz"}
 
 
 def test_napari_saves_labels_through_the_plugin_writer(tmp_path):

@@ -615,7 +615,6 @@ def test_results_that_cannot_fit_are_refused_before_running(tiny_model, monkeypa
         (", ".join(f"s{i}" for i in range(100)), "at most 64"),
         ("x" * 10_000, "too long"),
         (b"optic cup", "decode"),
-        (None, "no prompt"),
         (["cup", 3], "string"),
     ],
 )
@@ -623,6 +622,13 @@ def test_each_bad_prompt_kind_has_a_message(tiny_model, counts, prompts, needle)
     counts["segment: named bad prompts: inputs tried"] += 1
     with pytest.raises(InvalidPromptError, match=needle):
         segment(np.zeros((32, 32), np.uint8), prompts, tiny_model)
+
+
+def test_no_prompts_with_a_model_that_knows_no_structures_says_to_name_them(tiny_model, counts):
+    """prompts=None means prompt-free mode; a model without known structures must say what to do."""
+    counts["segment: named bad prompts: inputs tried"] += 1
+    with pytest.raises(ValueError, match="name the structures"):
+        segment(np.zeros((32, 32), np.uint8), None, tiny_model)
 
 
 def test_prompt_cleaning_keeps_meaning_and_drops_noise():

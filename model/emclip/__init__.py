@@ -21,6 +21,7 @@ from .errors import (
     DatasetError,
     EMClipError,
     InsufficientMemoryError,
+    InvalidExemplarError,
     InvalidImageError,
     InvalidPromptError,
     PretrainedWeightsUnavailable,
@@ -41,6 +42,12 @@ _LAZY: dict[str, str] = {
     "load_config": "emclip.config",
     "parse_prompts": "emclip.prompts",
     "resolve_device": "emclip.device",
+    "Exemplar": "emclip.exemplars",
+    "TemplateBank": "emclip.exemplars",
+    "segment_volume": "emclip.volume_segmentation",
+    "read_volume": "emclip.volume_io",
+    "write_volume": "emclip.volume_io",
+    "read_sequences": "emclip.volume_io",
 }
 
 __all__ = [
@@ -51,6 +58,7 @@ __all__ = [
     "DatasetError",
     "EMClipError",
     "InsufficientMemoryError",
+    "InvalidExemplarError",
     "InvalidImageError",
     "InvalidPromptError",
     "PretrainedWeightsUnavailable",

@@ -58,3 +58,7 @@ class Cancelled(EMClipError):
 
 class InvalidArgumentError(EMClipError, ValueError):
     """A parameter is outside the values it accepts (threshold, tile size, axis, ...)."""
+
+
+class InvalidExemplarError(EMClipError, ValueError):
+    """A reference exemplar (image + mask + name) or a template bank folder is unusable."""

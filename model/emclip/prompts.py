@@ -61,7 +61,7 @@ TEMPLATES: dict[str | None, tuple[str, ...]] = {
 PRESETS: dict[str, tuple[str, ...]] = {
     "fundus": ("optic disc", "optic cup"),
     "cardiac_mri": ("left ventricle", "myocardium", "right ventricle"),
-    "brain_mri": ("whole tumour", "tumour core", "enhancing tumour", "edema"),
+    "brain_mri": ("whole tumour", "tumour core", "enhancing tumour", "edema", "necrotic tumour core"),
 }
 
 #: Built-in synonyms (canonical name -> other names); datasets add their own from dataset.yaml.
@@ -76,6 +76,7 @@ SYNONYMS: dict[str, tuple[str, ...]] = {
     "tumour core": ("TC", "tumor core"),
     "enhancing tumour": ("ET", "contrast-enhancing tumour", "enhancing tumor"),
     "edema": ("oedema", "peritumoural edema"),
+    "necrotic tumour core": ("necrosis", "NCR", "necrotic core", "necrotic tumor core"),
 }
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")

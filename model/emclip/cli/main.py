@@ -27,6 +27,7 @@ from ..errors import Cancelled, EMClipError
 SUBCOMMANDS: list[str] = [
     "emclip.cli.segment",
     "emclip.cli.train",
+    "emclip.cli.finetune",
     "emclip.cli.evaluate",
     "emclip.cli.demo",
 ]

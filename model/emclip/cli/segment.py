@@ -9,18 +9,21 @@ never replaces an input, even then). Every input is checked (exists, regular fil
 extension, not empty, image content) before the model loads; a failure on one image of a batch
 names it and keeps the outputs of the images before it. The first Ctrl-C cancels after the
 current step; a second one stops at once.
+
+NIfTI volumes (``.nii``/``.nii.gz``, or case folders) go to :mod:`.segment_volumes`: one
+``<case>_<prompt>.nii.gz`` per prompt with the source affine, sliced along ``--axis`` (default axial).
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import signal
 import sys
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from .common import progress_bar
+from .common import sigint_cancels as _sigint_cancels
 
 NAME = "segment"
 
@@ -28,6 +31,12 @@ EXAMPLES = """examples:
   emclip segment fundus.png --prompts "optic disc, optic cup" --out results/ --model checkpoints/fundus
   emclip segment scans/*.tif -p "left ventricle; myocardium" -o out/ --modality "cardiac MRI" --overwrite
   emclip segment stack.tif -p "brain tumour" -o out/ --axis 0     (a TIFF stack, slice by slice)
+  emclip segment pat1_flair.nii.gz -p "whole tumour" -o out/ --axis axial   (NIfTI: <case>_<prompt>.nii.gz
+                                               with the source affine + <case>_emclip.json)
+  emclip segment lge.png -p "left ventricle" --exemplar ref.png ref_lv.png "left ventricle" -o out/
+                                               (reference-guided: text + a labelled exemplar; --bank FOLDER)
+  emclip segment fundus.png --auto -o out/     (prompt-free: every structure the model knows for the
+                                               recognised modality; only found ones are written)
 """
 
 
@@ -53,8 +62,34 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument(
         "-p",
         "--prompts",
-        required=True,
-        help='structure names separated by commas or semicolons, e.g. "optic disc, optic cup"',
+        default=None,
+        help='structure names separated by commas or semicolons, e.g. "optic disc, optic cup"; '
+        "leave out (or --auto) to segment every structure the model knows for the image's modality",
+    )
+    parser.add_argument(
+        "--auto",
+        action="store_true",
+        help="prompt-free: recognise the modality (or take --modality) and segment every structure "
+        "the model knows for it; only found structures are written (default when --prompts is left out)",
+    )
+    parser.add_argument(
+        "--exemplar",
+        nargs=3,
+        action="append",
+        default=None,
+        metavar=("IMAGE", "MASK", "NAME"),
+        help="a reference image, its mask (nonzero = the structure) and the structure's name, used "
+        "as a visual prompt (repeatable); a NAME among --prompts combines with that prompt, other "
+        "names are added. With exemplars, --prompts may be left out",
+    )
+    parser.add_argument(
+        "--bank", default=None, metavar="FOLDER", help="a template bank folder of exemplars (emclip.TemplateBank)"
+    )
+    parser.add_argument(
+        "--exemplar-mode",
+        choices=("combine", "only"),
+        default="combine",
+        help="for a prompt that has exemplars: combine text and exemplar (default) or use the exemplar only",
     )
     parser.add_argument(
         "-o", "--out", required=True, metavar="DIR", help="output folder (created if missing)"
@@ -101,11 +136,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument(
         "--axis",
-        type=int,
+        type=_axis_value,
         default=None,
         help="treat each image as a stack and segment it slice by slice along this axis. "
         "Default: only arrays that cannot be a 2D image are stacks (a TIFF of 3 or 4 "
-        "planes reads as a colour image; pass --axis 0 to segment its planes)",
+        "planes reads as a colour image; pass --axis 0 to segment its planes). "
+        "NIfTI volumes (.nii/.nii.gz): axial (default), coronal, sagittal or a voxel axis 0..2",
     )
     parser.add_argument(
         "--channel-axis",
@@ -135,6 +171,41 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.set_defaults(func=run)
     return parser
+
+
+def _axis_value(text: str) -> int | str:
+    """``--axis``: an integer, or axial/coronal/sagittal (NIfTI volumes only)."""
+    name = text.strip().lower()
+    if name in ("axial", "coronal", "sagittal"):
+        return name
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"invalid axis {text!r}: use a number, or axial/coronal/sagittal for NIfTI volumes"
+        ) from None
+
+
+def _load_exemplars(args: argparse.Namespace) -> list[Any]:
+    """The exemplars of ``--exemplar IMAGE MASK NAME`` (each) and ``--bank FOLDER``, checked
+    before the model loads; also stored as ``args.exemplar_list``."""
+    from ..errors import InvalidExemplarError
+    from ..exemplars import Exemplar, TemplateBank
+    from ..io import read_image
+
+    out: list[Any] = []
+    for image_path, mask_path, name in getattr(args, "exemplar", None) or []:
+        try:
+            image, mask = read_image(image_path), read_image(mask_path)
+            if mask.ndim == 3 and mask.shape[-1] in (3, 4):  # a colour-coded mask: any colour is inside
+                mask = mask[..., :3].any(axis=-1)
+            out.append(Exemplar(image, mask, name, args.modality))
+        except (OSError, ValueError) as exc:
+            raise InvalidExemplarError(f"--exemplar {image_path} {mask_path} {name!r}: {exc}") from exc
+    if getattr(args, "bank", None):
+        out.extend(TemplateBank.load(args.bank))
+    args.exemplar_list = out
+    return out
 
 
 def output_paths(image: Path, out_dir: Path, overlay: bool = True) -> list[Path]:
@@ -233,31 +304,6 @@ def _with_context(exc: BaseException, path: Path, done: int, total: int) -> Base
     return new
 
 
-@contextlib.contextmanager
-def _sigint_cancels() -> Iterator[Callable[[], bool]]:
-    """Yield a ``cancel()`` callback that turns True at the first Ctrl-C; a second Ctrl-C raises
-    KeyboardInterrupt immediately. Plain polling when not in the main thread."""
-    state = {"cancelled": False}
-    if threading.current_thread() is not threading.main_thread():
-        yield lambda: state["cancelled"]
-        return
-
-    def handler(signum, frame):
-        if state["cancelled"]:
-            raise KeyboardInterrupt
-        state["cancelled"] = True
-        print(
-            "\nemclip: cancelling after the current step (Ctrl-C again to stop now)",
-            file=sys.stderr,
-        )
-
-    previous = signal.signal(signal.SIGINT, handler)
-    try:
-        yield lambda: state["cancelled"]
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
 def _is_stack(image: Any, axis: int | None, channel_axis: int | None) -> bool:
     """Whether to segment ``image`` slice by slice: --axis given, 4D, or 3D but not an image."""
     from ..preprocess import channels_last
@@ -301,6 +347,16 @@ def _summary(name: str, result: Any) -> str:
             parts.append(f"{prompt}: {100.0 * area / total:.2f}% of pixels, score {score:.2f}")
         else:
             parts.append(f"{prompt}: not found (max probability {maxp:.2f})")
+    info = getattr(result, "info", None) or {}
+    if info.get("prompt_free"):
+        conf = info.get("modality_confidence")
+        how = f"recognised, confidence {conf:.2f}" if conf is not None else "given"
+        from ..modality import display_name
+
+        head = f"{name}: modality {display_name(info.get('modality'))} ({how})"
+        if not parts:
+            return f"{head}; none of {', '.join(info.get('structures_tried', []))} found, nothing written"
+        return f"{head}; " + "; ".join(parts)
     return f"{name}: " + "; ".join(parts)
 
 
@@ -310,7 +366,14 @@ def run(args: argparse.Namespace) -> int:
     from ..errors import Cancelled, EMClipError, InvalidArgumentError
     from ..prompts import parse_prompts
 
-    prompts = parse_prompts(args.prompts)
+    if getattr(args, "auto", False) and args.prompts is not None:
+        raise InvalidArgumentError(
+            "--auto segments every structure the model knows: give either --auto or --prompts, not both"
+        )
+    exemplars = _load_exemplars(args)
+    if exemplars and getattr(args, "auto", False):
+        raise InvalidArgumentError("--auto cannot be combined with --exemplar/--bank; give --prompts or leave both out")
+    prompts = None if args.prompts is None else parse_prompts(args.prompts)  # None: prompt-free
     if not 0.0 < args.threshold < 1.0:
         raise InvalidArgumentError(
             f"--threshold must be between 0 and 1 (exclusive), got {args.threshold}"
@@ -318,6 +381,16 @@ def run(args: argparse.Namespace) -> int:
     if args.tile_size is not None and args.tile_size < 0:
         raise InvalidArgumentError(
             f"--tile-size must be >= 0 (0 = no tiling), got {args.tile_size}"
+        )
+    from .segment_volumes import is_volume_input, run_volumes
+
+    if is_volume_input(list(args.images)):
+        if exemplars:
+            raise InvalidArgumentError("--exemplar/--bank work with 2D images and TIFF stacks, not NIfTI volumes")
+        return run_volumes(args, prompts)
+    if isinstance(args.axis, str):
+        raise InvalidArgumentError(
+            f"--axis {args.axis} is for NIfTI volumes (it needs their orientation); give a number for TIFF stacks"
         )
     images, out_dir = _check_inputs(args)
 
@@ -352,8 +425,6 @@ def _segment_file(
     cancel: Callable[[], bool],
 ) -> Any:
     """Segment one image file and write its outputs (atomically); returns the result."""
-    from tqdm import tqdm
-
     from ..errors import InvalidArgumentError
     from ..inference import segment, segment_stack
     from ..io import read_image, write_mask_tiff, write_overlay_png
@@ -363,20 +434,7 @@ def _segment_file(
         raise InvalidArgumentError(
             f"{path.name} is a 2D image ({image.shape[0]}x{image.shape[1]}); --axis is for stacks, leave it out"
         )
-    steps = tqdm(
-        total=1,
-        desc=path.name,
-        leave=False,
-        disable=True if args.quiet else None,
-        file=sys.stderr,
-        position=1,
-    )
-
-    def progress(done: int, total: int) -> None:
-        steps.total = total
-        steps.n = done
-        steps.refresh()
-
+    steps, progress = progress_bar(path.name, "it", quiet=args.quiet, leave=False, position=1)
     options = dict(
         modality=args.modality,
         threshold=args.threshold,
@@ -386,6 +444,8 @@ def _segment_file(
         progress=progress,
         cancel=cancel,
     )
+    if getattr(args, "exemplar_list", None):
+        options.update(exemplars=args.exemplar_list, exemplar_mode=args.exemplar_mode)
     axis = args.axis if args.axis is not None else 0
     try:
         if _is_stack(image, args.axis, args.channel_axis):
@@ -394,6 +454,8 @@ def _segment_file(
             result = segment(image, prompts, model, coarse_to_fine=args.coarse_to_fine, **options)
     finally:
         steps.close()
+    if not result.prompts:  # prompt-free and nothing found: no masks to write
+        return result
     mask_path, *overlay_path = output_paths(path, out_dir, not args.no_overlay)
     write_mask_tiff(
         mask_path,
@@ -402,7 +464,7 @@ def _segment_file(
         metadata={
             "source": path.name,
             "model": str(args.model) if args.model else "default",
-            "modality": args.modality,
+            "modality": result.info.get("modality", args.modality),
             "threshold": result.threshold,
             "min_area": result.min_area,
             "found": result.found,

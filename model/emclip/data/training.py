@@ -84,6 +84,10 @@ class PromptedDataset:
     ``train=False`` disables augmentation, synonyms and cross-modality negatives.
     ``known_names`` (optional): prompts the model accepts (the U-Net's classes); other cross
     negatives are skipped and synonyms outside it are not used.
+    ``sequences`` (models with modality fusion: ``model.sequences``): samples of multi-sequence
+    volumes (``channel: all``) become ``image [len(sequences), S, S]`` in that order, each
+    sequence in [0, 1] and absent ones all zero, not standardised (the fusion module does it);
+    augmentation is then geometric (affine, flips) plus a per-sequence gamma/contrast jitter.
     """
 
     def __init__(
@@ -98,6 +102,7 @@ class PromptedDataset:
         prompt_cfg: PromptConfig | None = None,
         seed: int = 0,
         known_names: Callable[[str], bool] | None = None,
+        sequences: Sequence[str] | None = None,
     ):
         self.sources = list(sources)
         self.image_size = int(image_size)
@@ -110,6 +115,13 @@ class PromptedDataset:
         self.epoch = 0
         self.known = known_names
         self.pipeline = build_augmentation(self.augment_cfg) if train else None
+        self.sequences = list(sequences) if sequences else None
+        self.geometric = None
+        if self.pipeline is not None and self.sequences:
+            import albumentations as A
+
+            keep = ("Affine", "HorizontalFlip", "VerticalFlip")
+            self.geometric = A.Compose([op for op in self.pipeline.transforms if type(op).__name__ in keep])
         self.entries: list[tuple[int, int]] = []
         for s_idx, src in enumerate(self.sources):
             for _ in range(max(1, int(src.repeat))):
@@ -154,6 +166,19 @@ class PromptedDataset:
         from ..preprocess import to_float_rgb
 
         sample = src.dataset[j]
+        channels = getattr(sample, "channels", None)
+        if bool(channels) != bool(self.sequences):
+            raise ConfigError(
+                f"{src.name or sample.spec.dirname}: a model with modality fusion trains on multi-sequence volumes "
+                "(set 'channel: all' on the dataset entry), and 'channel: all' needs a model with "
+                "fusion.enabled (model_overrides: {fusion.enabled: true})"
+            )
+        if channels:
+            from ..sequences import canonical_sequences, to_layout
+
+            image = to_layout(sample.image, canonical_sequences(channels, self.sequences), self.sequences)
+            image, labels = presize(image, sample.labels, 2 * self.image_size)
+            return image, labels, sample
         image = to_float_rgb(sample.image, intensity_range=sample.intensity_range)
         image, labels = presize(image, sample.labels, 2 * self.image_size)
         return image, labels, sample
@@ -191,7 +216,11 @@ class PromptedDataset:
         src = self.sources[s_idx]
         rng, aug_seed = self._rng(i)
         image, labels, sample = self._load(src, j)
-        if self.pipeline is not None:
+        multi = self.sequences is not None
+        if multi and self.geometric is not None:
+            image, labels = augment(self.geometric, image, labels, seed=aug_seed)
+            image = _jitter_sequences(image, np.random.default_rng(aug_seed), self.augment_cfg.strength)
+        elif self.pipeline is not None:
             reference = None
             if self.augment_cfg.style_mix_p > 0 and len(src.indices) > 1:
                 other = rng.choice(src.indices)
@@ -212,7 +241,7 @@ class PromptedDataset:
         for k, name in enumerate(names):
             if name:
                 targets[k] = masks[spec.structure_names.index(name)]
-        x = (image.astype(np.float32) - self.mean) / self.std
+        x = image.astype(np.float32) if multi else (image.astype(np.float32) - self.mean) / self.std
         return {
             "image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
             "targets": torch.from_numpy(targets),
@@ -224,6 +253,22 @@ class PromptedDataset:
             "id": sample.id,
             "index": int(i),
         }
+
+
+def _jitter_sequences(image: np.ndarray, rng: np.random.Generator, strength: str) -> np.ndarray:
+    """Independent gamma and contrast jitter per present (non-zero) sequence of ``[H, W, S]`` in [0, 1]."""
+    k = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}.get(strength, 1.0)
+    if k == 0:
+        return image
+    out = image.copy()
+    for c in range(image.shape[-1]):
+        ch = out[..., c]
+        if not ch.any() or rng.random() > 0.6:
+            continue
+        gamma = float(np.exp(rng.uniform(-0.3, 0.3) * k))
+        contrast = 1.0 + rng.uniform(-0.2, 0.2) * k
+        out[..., c] = np.clip(np.power(ch, gamma) * contrast, 0.0, 1.0) * (ch > 0)
+    return out
 
 
 def collate(batch: list[dict[str, Any]]) -> dict[str, Any]:

@@ -7,7 +7,11 @@ Layout (``channels`` and ``labels`` come from dataset.yaml)::
 
 ``axis`` is ``"axial"``, ``"coronal"``, ``"sagittal"`` (found from the affine's orientation codes,
 so it is right whatever the voxel order) or a voxel axis index 0..2. Each 2D slice is one grey
-image of the chosen ``channel`` (default: the first in dataset.yaml).
+image of the chosen ``channel`` (default: the first in dataset.yaml). ``channel="all"`` reads every
+sequence of dataset.yaml into one ``(H, W, C)`` slice, each sequence normalised to [0, 1] with its
+own foreground window over the whole case (:func:`emclip.sequences.foreground_window`, the same
+rule as ``segment_stack(..., channels=...)``); the sample's ``channels`` names them (for models
+with modality fusion).
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ def voxel_axis(axis: str | int, affine: np.ndarray) -> int:
 class VolumeDataset:
     """2D slices of the NIfTI cases of one dataset; ``ds[i]`` is a :class:`~emclip.data.folder.Sample`.
 
-    Parameters: ``axis`` (default "axial"), ``channel`` (default first of dataset.yaml channels),
+    Parameters: ``axis`` (default "axial"), ``channel`` (default first of dataset.yaml channels;
+    "all": every sequence, see the module docstring),
     ``cases`` (default all case folders, sorted), ``only_labelled`` (keep only slices with some
     label, default False; slices with a constant image are always dropped), ``normalise``
     ("volume": one robust window per case, as :func:`emclip.inference.segment_stack` does, default;
@@ -91,7 +96,8 @@ class VolumeDataset:
             raise DatasetError(f"{self.spec.root / 'dataset.yaml'}: name the sequences in 'channels' to read NIfTI volumes")
         if channel is None:
             channel = self.spec.channels[0]
-        if channel not in self.spec.channels:
+        self.channels = tuple(self.spec.channels) if channel == "all" else None
+        if channel not in self.spec.channels and self.channels is None:
             raise DatasetError(f"channel {channel!r} not in dataset.yaml channels {list(self.spec.channels)}")
         if normalise not in ("slice", "volume"):
             raise DatasetError(f"normalise must be 'slice' or 'volume', got {normalise!r}")
@@ -116,6 +122,8 @@ class VolumeDataset:
         for case in self.cases:
             image, labels, _, _ = self._case(case)
             ax = self._axis_of(case)
+            if image.ndim == 4:
+                image = image[..., 0]
             img_m = np.moveaxis(image, ax, 0).reshape(image.shape[ax], -1)
             lab_m = np.moveaxis(labels, ax, 0).reshape(labels.shape[ax], -1)
             keep = img_m.max(axis=1) > img_m.min(axis=1)
@@ -132,11 +140,21 @@ class VolumeDataset:
             self._cache.move_to_end(case)
             return self._cache[case]
         case_dir = self.spec.root / case
-        img_path = _find_file(case_dir, f"{case}_{self.channel}")
+        names = self.channels or (self.channel,)
+        paths = [_find_file(case_dir, f"{case}_{name}") for name in names]
+        img_path = paths[0]
         lab_path = _find_file(case_dir, f"{case}_{self.spec.labels}")
         image, affine, zooms = _load(img_path, np.float32)
         labels, _, _ = _load(lab_path, None)
-        if image.shape != labels.shape:
+        if self.channels is not None:
+            from ..sequences import foreground_window, normalise_sequence
+
+            vols = [image] + [_load(p, np.float32)[0] for p in paths[1:]]
+            for p, v in zip(paths[1:], vols[1:]):
+                if v.shape != image.shape:
+                    raise DatasetError(f"{p}: volume {v.shape} does not match {img_path.name} {image.shape}")
+            image = np.stack([normalise_sequence(v, foreground_window(v)) for v in vols], axis=-1)
+        if image.shape[:3] != labels.shape:
             raise DatasetError(f"{lab_path}: label volume {labels.shape} does not match {img_path.name} {image.shape}")
         if not np.issubdtype(labels.dtype, np.integer):
             if not np.all(np.mod(labels, 1) == 0):
@@ -159,7 +177,7 @@ class VolumeDataset:
         """A dataset restricted to the cases of the given samples (whole cases, never single slices)."""
         cases = sorted({self.index[i][0] for i in indices})
         return VolumeDataset(
-            self.spec, axis=self.axis, channel=self.channel, cases=cases, only_labelled=self.only_labelled,
+            self.spec, axis=self.axis, channel="all" if self.channels else self.channel, cases=cases, only_labelled=self.only_labelled,
             normalise=self.normalise, cache_size=self._cache_size,
         )
 
@@ -182,6 +200,9 @@ class VolumeDataset:
         lab2d = np.ascontiguousarray(np.take(labels, k, axis=ax))
         spacing = tuple(z for j, z in enumerate(zooms) if j != ax)
         window = None
+        if self.channels is not None:  # already normalised per sequence in _case
+            return Sample(image=img2d, labels=lab2d, id=self.ids[i], spec=self.spec,
+                          spacing=(float(spacing[0]), float(spacing[1])), channels=self.channels)
         if self.normalise == "volume":
             window = self._windows.get(case)
             if window is None:

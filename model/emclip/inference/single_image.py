@@ -9,11 +9,19 @@ import numpy as np
 import torch
 
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
+from ..errors import InvalidArgumentError
+from ..exemplars import Exemplar, TemplateBank, check_exemplars
 from ..preprocess import MIN_SIDE, check_image, check_values, letterbox, to_float_rgb
 from ..preprocess import intensity_range as image_intensity_range
-from ..prompts import parse_prompts
 from ..tiling import TileGrid, batched, tile_grid
-from .model_loading import resolve_model
+from .exemplar_prompts import (
+    check_exemplar_mode,
+    exemplar_info,
+    plan_prompts,
+    prompt_keys,
+    text_prompt_list,
+)
+from .model_loading import model_dtype, resolve_model
 from .options import (
     auto_tile_size,
     check_batch_size,
@@ -159,7 +167,7 @@ def summarise(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, n
 
 def segment(
     image: np.ndarray,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | None = None,
     model: Any = None,
     *,
     modality: str | None = None,
@@ -172,12 +180,17 @@ def segment(
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
     coarse_to_fine: bool | None = None,
+    exemplars: Sequence[Exemplar] | TemplateBank | None = None,
+    exemplar_mode: str = "combine",
+    channels: Sequence[str] | None = None,
 ) -> SegmentationResult:
     """Segment the structures named by ``prompts`` in a 2D ``image``.
 
     ``image``: ``(H, W)`` grey, or RGB/RGBA channel-last or channel-first (``channel_axis`` to
     be explicit), any integer, float or bool dtype. ``prompts``: "optic disc, optic cup" or a
-    list. ``model``: a model instance or anything :func:`load_model` takes (default: the bundled
+    list; None = prompt-free: every structure the model knows for the image's modality (given by
+    ``modality`` or recognised), only the found ones returned (see :mod:`.prompt_free`).
+    ``model``: a model instance or anything :func:`load_model` takes (default: the bundled
     model). ``modality`` picks the prompt templates ("fundus", "cardiac MRI", ...).
     ``threshold`` (default 0.5) on the probability gives the masks; a prompt whose mask has
     fewer than ``min_area`` pixels (default: 0.01 % of the image, at least 4) is *not found*:
@@ -190,25 +203,59 @@ def segment(
     ``fundus.AUTO_MIN_LONG_SIDE`` (768) x ``fundus.AUTO_MIN_SIDE`` (128) pixels, locate the disc,
     segment a crop around it at full resolution and paste back (ROI crops get the plain
     result); True = always crop around the disc; False = never.
+    ``exemplars`` (reference images with masks, :class:`emclip.Exemplar` or a
+    :class:`emclip.TemplateBank`) add visual prompts (:mod:`.exemplar_prompts`): an exemplar whose
+    name matches a prompt combines with its text (``exemplar_mode="combine"``, default) or
+    replaces it (``"only"``); other exemplar names become extra prompts after ``prompts`` in the
+    result. With exemplars, ``prompts`` may be None or empty. Coarse-to-fine is not used with
+    exemplars (auto skips it; True is refused).
+    ``channels``: names of the MRI sequences along ``channel_axis`` (e.g. ["flair", "t1ce"]):
+    each is normalised separately and fed to the model's modality fusion; a model without fusion
+    takes exactly one (see :mod:`.channels`). Not combined with exemplars or prompt-free mode.
 
     Every problem with the arguments raises an :class:`emclip.EMClipError` that is a
     ``ValueError`` (image, prompts, options, model path) before any model is loaded, including
     results too large for the free memory (:class:`emclip.InvalidImageError`).
     """
-    prompt_list = parse_prompts(prompts)
+    if channels is not None:  # named MRI sequences (inference/channels.py)
+        from ..prompts import parse_prompts
+        from .channels import segment_channels
+
+        if prompts is None or exemplars is not None:
+            raise InvalidArgumentError("channels cannot be combined with exemplars or prompt-free mode; pass prompts")
+        got = segment_channels(image, parse_prompts(prompts), model, channels, stack=False, modality=modality,
+                               threshold=threshold, channel_axis=channel_axis, device=device, tile_size=tile_size,
+                               min_area=min_area, batch_size=batch_size, progress=progress, cancel=cancel)
+        if isinstance(got, SegmentationResult):
+            return got
+        image, channel_axis = got  # one channel for a model without fusion: the grey path below
+    exemplar_list = check_exemplars(exemplars) if exemplars is not None else []
+    if prompts is None and not exemplar_list:  # prompt-free mode (inference/prompt_free.py)
+        from .prompt_free import segment_everything
+
+        return segment_everything(
+            image, model, modality=modality, threshold=threshold, channel_axis=channel_axis,
+            device=device, tile_size=tile_size, min_area=min_area, batch_size=batch_size,
+            progress=progress, cancel=cancel, coarse_to_fine=coarse_to_fine,
+        )
+    mode = check_exemplar_mode(exemplar_mode)
+    prompt_list = text_prompt_list(prompts, exemplar_list)
+    names = plan_prompts(prompt_list, exemplar_list)
     t = check_threshold(threshold)
     batch = check_batch_size(batch_size)
     modality = check_modality(modality)
     arr = check_image(image, channel_axis, values=False)
     hw = (int(arr.shape[0]), int(arr.shape[1]))
     area = check_min_area(min_area, hw)
-    check_result_fits(len(prompt_list), hw)
+    check_result_fits(len(names), hw)
     check_values(arr)
+    if exemplar_list and coarse_to_fine:
+        raise InvalidArgumentError("coarse_to_fine=True cannot be combined with exemplars; leave it None or False")
     from .. import fundus  # lazy: fundus imports emclip.inference lazily too, so no cycle
 
     # auto mode only for images the size of whole photographs (ROI crops and thumbnails skip it)
     big_enough = min(hw) >= fundus.AUTO_MIN_SIDE and max(hw) >= fundus.AUTO_MIN_LONG_SIDE
-    if (coarse_to_fine or big_enough) and fundus.should_use_coarse_to_fine(modality, prompt_list, coarse_to_fine):
+    if not exemplar_list and (coarse_to_fine or big_enough) and fundus.should_use_coarse_to_fine(modality, prompt_list, coarse_to_fine):
         return fundus.segment_fundus(
             image, prompt_list, model, modality=modality, threshold=threshold,
             channel_axis=channel_axis, device=device, tile_size=tile_size, min_area=min_area,
@@ -222,14 +269,20 @@ def segment(
     window = image_intensity_range(arr)
     steps.advance()
     with inference_state(net, dev):
-        runner = Runner(net, dev, prompt_list, modality)
+        keys = None
+        if exemplar_list:
+            keys = prompt_keys(net, prompt_list, names, exemplar_list, modality, mode, dev, model_dtype(net))
+        runner = Runner(net, dev, names, modality, prompt_keys=keys)
         check_cancel(cancel)
         probs, clusters, sims, used = run_2d(arr, window, runner, plan, steps, cancel)
         ran_on = str(runner.device)
     summary = summarise(probs, t, area)
     steps.finish()
+    info = {"tile_size": used.tile, "intensity_range": window, "modality": modality}
+    if exemplar_list:
+        info["exemplars"] = exemplar_info(exemplar_list, mode)
     return SegmentationResult(
-        prompts=prompt_list,
+        prompts=names,
         probabilities=probs,
         cluster_map=clusters,
         cluster_similarity=sims,
@@ -237,6 +290,6 @@ def segment(
         min_area=area,
         tiled=used.tile is not None,
         device=ran_on,
-        info={"tile_size": used.tile, "intensity_range": window, "modality": modality},
+        info=info,
         **summary,
     )

@@ -9,9 +9,16 @@ import torch
 
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError, InvalidImageError
+from ..exemplars import Exemplar, TemplateBank, check_exemplars
 from ..preprocess import check_image, check_values, letterbox, robust_range, to_float_rgb
-from ..prompts import parse_prompts
-from .model_loading import resolve_model
+from .exemplar_prompts import (
+    check_exemplar_mode,
+    exemplar_info,
+    plan_prompts,
+    prompt_keys,
+    text_prompt_list,
+)
+from .model_loading import model_dtype, resolve_model
 from .options import (
     auto_tile_size,
     check_batch_size,
@@ -97,7 +104,7 @@ def _stack_view(
 
 def segment_stack(
     volume: np.ndarray,
-    prompts: "str | Sequence[str]",
+    prompts: "str | Sequence[str] | None" = None,
     model: Any = None,
     *,
     axis: int = 0,
@@ -110,6 +117,9 @@ def segment_stack(
     batch_size: int = 4,
     progress: Optional[ProgressCallback] = None,
     cancel: Optional[CancelCallback] = None,
+    exemplars: "Sequence[Exemplar] | TemplateBank | None" = None,
+    exemplar_mode: str = "combine",
+    channels: Optional[Sequence[str]] = None,
 ) -> SegmentationResult:
     """Segment a 3D stack slice by slice along ``axis`` (default 0).
 
@@ -120,9 +130,41 @@ def segment_stack(
     in their order (``masks [P, *spatial]``, ``cluster_map [*spatial]``); ``found`` is per
     prompt over the volume, ``slice_found [Z, P]`` per slice (``min_area`` applies per slice,
     default 0.01 % of a slice). ``progress(done, total)`` counts slices; ``cancel`` is polled
-    between batches and raises :class:`emclip.Cancelled`. Other arguments as in :func:`segment`.
+    between batches and raises :class:`emclip.Cancelled`. Other arguments as in :func:`segment`
+    (``exemplars``/``exemplar_mode``: visual prompts from reference 2D images, encoded once).
+    ``prompts=None``: prompt-free, the modality recognised from a few central slices (see
+    :mod:`.prompt_free`).
+    ``channels``: names of the MRI sequences along ``channel_axis`` of a ``(Z, H, W, C)``-like
+    volume (e.g. ["flair", "t1ce"]): each sequence is normalised with its own window over the
+    whole volume and fed to the model's modality fusion; a model without fusion takes exactly
+    one (see :mod:`.channels`). ``axis`` then counts spatial axes only. Not combined with
+    exemplars or prompt-free mode.
     """
-    prompt_list = parse_prompts(prompts)
+    if channels is not None:  # named MRI sequences (inference/channels.py)
+        from ..prompts import parse_prompts as _parse
+        from .channels import segment_channels
+
+        if prompts is None or exemplars is not None:
+            raise InvalidArgumentError("channels cannot be combined with exemplars or prompt-free mode; pass prompts")
+        got = segment_channels(volume, _parse(prompts), model, channels, stack=True, axis=axis,
+                               modality=modality, threshold=threshold, channel_axis=channel_axis, device=device,
+                               tile_size=tile_size, min_area=min_area, batch_size=batch_size, progress=progress,
+                               cancel=cancel)
+        if isinstance(got, SegmentationResult):
+            return got
+        volume, channel_axis = got  # one channel for a model without fusion: the grey path below
+    exemplar_list = check_exemplars(exemplars) if exemplars is not None else []
+    if prompts is None and not exemplar_list:  # prompt-free mode (inference/prompt_free.py)
+        from .prompt_free import segment_stack_everything
+
+        return segment_stack_everything(
+            volume, model, axis=axis, modality=modality, threshold=threshold,
+            channel_axis=channel_axis, device=device, tile_size=tile_size, min_area=min_area,
+            batch_size=batch_size, progress=progress, cancel=cancel,
+        )
+    mode = check_exemplar_mode(exemplar_mode)
+    text_list = text_prompt_list(prompts, exemplar_list)
+    prompt_list = plan_prompts(text_list, exemplar_list)
     t = check_threshold(threshold)
     batch = check_batch_size(batch_size)
     modality = check_modality(modality)
@@ -151,7 +193,10 @@ def segment_stack(
     clusters = np.zeros((z,) + hw, dtype=np.int32)
     sims: list[np.ndarray] = []
     with inference_state(net, dev):
-        runner = Runner(net, dev, prompt_list, modality)
+        keys = None
+        if exemplar_list:
+            keys = prompt_keys(net, text_list, prompt_list, exemplar_list, modality, mode, dev, model_dtype(net))
+        runner = Runner(net, dev, prompt_list, modality, prompt_keys=keys)
         k = 0
         while k < z:
             check_cancel(cancel)
@@ -190,6 +235,9 @@ def segment_stack(
         else (np.zeros((0, n), dtype=np.float32))
     )
     steps.finish()
+    info = {"tile_size": plan.tile, "intensity_range": window, "modality": modality}
+    if exemplar_list:
+        info["exemplars"] = exemplar_info(exemplar_list, mode)
     return SegmentationResult(
         prompts=prompt_list,
         probabilities=np.moveaxis(probs, 1, 1 + stack_pos),
@@ -200,7 +248,7 @@ def segment_stack(
         tiled=plan.tile is not None,
         device=ran_on,
         stack_axis=stack_pos,
-        info={"tile_size": plan.tile, "intensity_range": window, "modality": modality},
+        info=info,
         **{
             k: (np.moveaxis(v, 1, 1 + stack_pos) if k == "masks" else v) for k, v in summary.items()
         },

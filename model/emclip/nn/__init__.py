@@ -11,15 +11,16 @@ from .base import (
     build_prompt_batch,
     validate_images,
 )
-from .decoder import TextGuidedPixelDecoder
+from .decoder import DecoderPrompts, TextGuidedPixelDecoder
 from .em_aggregation import EMAggregation, em_objective
-from .emclip import EMCLIP
+from .emclip import EMCLIP, combine_prompts
 from .image_encoder import ImageEncoder, build_image_encoder
 from .text_encoder import TextEncoder, build_text_encoder
 from .unet import UNet
 
 __all__ = [
     "EMCLIP",
+    "DecoderPrompts",
     "PAD_LOGIT",
     "EMAggregation",
     "ImageEncoder",
@@ -32,6 +33,7 @@ __all__ = [
     "build_image_encoder",
     "build_prompt_batch",
     "build_text_encoder",
+    "combine_prompts",
     "em_objective",
     "validate_images",
 ]

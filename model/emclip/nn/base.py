@@ -55,9 +55,10 @@ class PromptBatch:
     shared: bool
 
 
-def validate_images(images: Any, *, size_divisor: int = 1, check_finite: bool = True) -> None:
+def validate_images(images: Any, *, size_divisor: int = 1, check_finite: bool = True, channels: int = 3) -> None:
     """Raise :class:`InvalidImageError` (saying how to fix it) unless ``images`` is a float
-    ``[B, 3, H, W]`` tensor with finite values and H, W multiples of ``size_divisor``."""
+    ``[B, channels, H, W]`` tensor (default 3; a fusion model takes one channel per sequence)
+    with finite values and H, W multiples of ``size_divisor``."""
     if not isinstance(images, torch.Tensor):
         raise InvalidImageError(
             f"images must be a torch.Tensor [B, 3, H, W], got {type(images).__name__}; "
@@ -72,7 +73,12 @@ def validate_images(images: Any, *, size_divisor: int = 1, check_finite: bool = 
     b, c, h, w = images.shape
     if b == 0:
         raise InvalidImageError("the batch is empty: pass at least one image")
-    if c != 3:
+    if c != channels and channels != 3:
+        raise InvalidImageError(
+            f"this model fuses {channels} MRI sequences: images must be [B, {channels}, H, W] (one channel per "
+            f"sequence, absent ones all zero), got shape {tuple(images.shape)}; use emclip.segment(..., channels=[...])"
+        )
+    if c != 3 and channels == 3:
         hint = (
             "it looks channels-last: use images.permute(0, 3, 1, 2)" if images.shape[-1] == 3
             else "repeat a grey channel with images.expand(-1, 3, -1, -1)" if c == 1

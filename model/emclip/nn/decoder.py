@@ -15,6 +15,13 @@ A *deep* head compares the clustered deepest features with the prompts the same 
 (``deep_logits``, for a pixel-text score-map loss); applying its (bias-free, linear) pixel map to
 the EM bases gives ``cluster_text_similarity [B, K, P]``: each basis is a responsibility-weighted
 mean of its pixels, so this is the score its pixels get on average, up to norm.
+
+Decoder-space prompts (:class:`DecoderPrompts`): a prompt enters the decoder as a *token* (width
+``channels``; keys/values of the cross-attention) and two *score vectors* (width ``embed_dim``;
+compared with the pixel and deep pixel embeddings). :meth:`TextGuidedPixelDecoder.encode_text`
+builds them from text embeddings; ``forward`` also accepts them directly, which is how visual
+prompts from exemplars (``EMCLIP.encode_exemplars``) are scored. Given score vectors are used as
+they are (unit vectors give scaled cosines; a shorter vector gives softer logits).
 """
 
 from __future__ import annotations
@@ -58,15 +65,66 @@ class CrossAttentionBlock(nn.Module):
 
 
 @dataclass
+class DecoderPrompts:
+    """Prompts in decoder space, ``[P, ...]`` (shared by the batch) or ``[B, P, ...]``.
+
+    ``tokens [.., C]``: cross-attention keys/values (C = ``decoder.channels``).
+    ``keys [.., E]``: score vectors for the pixel embeddings (E = ``decoder.embed_dim``).
+    ``deep_keys [.., E]``: score vectors for the deep pixel embeddings (``deep_logits``, EM bases).
+    ``bias [..]``: a logit offset per prompt added to both logit maps (None = 0; text prompts
+    have none, visual prompts a calibrated one).
+    """
+
+    tokens: torch.Tensor
+    keys: torch.Tensor
+    deep_keys: torch.Tensor
+    bias: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[-2])
+
+    def offsets(self) -> torch.Tensor:
+        """``bias`` or zeros ``[..]`` (the shape of the prompt axes)."""
+        if self.bias is not None:
+            return self.bias
+        return torch.zeros(self.tokens.shape[:-1], dtype=torch.float32, device=self.tokens.device)
+
+    def select(self, index: torch.Tensor) -> DecoderPrompts:
+        """Prompts ``index`` (any integer tensor) along the prompt axis of ``[P, ...]`` prompts."""
+        bias = None if self.bias is None else self.bias[index]
+        return DecoderPrompts(self.tokens[index], self.keys[index], self.deep_keys[index], bias)
+
+    def to(self, *args, **kwargs) -> DecoderPrompts:
+        bias = None if self.bias is None else self.bias.to(*args, **kwargs)
+        return DecoderPrompts(self.tokens.to(*args, **kwargs), self.keys.to(*args, **kwargs), self.deep_keys.to(*args, **kwargs), bias)
+
+    @staticmethod
+    def cat(parts: list[DecoderPrompts]) -> DecoderPrompts:
+        """Concatenate along the prompt axis."""
+        bias = None
+        if any(p.bias is not None for p in parts):
+            bias = torch.cat([p.offsets().float() for p in parts], -1)
+        return DecoderPrompts(
+            torch.cat([p.tokens for p in parts], -2),
+            torch.cat([p.keys for p in parts], -2),
+            torch.cat([p.deep_keys for p in parts], -2),
+            bias,
+        )
+
+
+@dataclass
 class DecoderOutput:
     """``logits [B, P, h0, w0]`` at the finest stride, ``deep_logits [B, P, hd, wd]``, and the
-    EM results (None when EM is off)."""
+    EM results (None when EM is off). With ``return_embeddings=True``: ``pixel_embeddings
+    [B, E, h0, w0]`` and ``deep_embeddings [B, E, hd, wd]`` (before normalisation)."""
 
     logits: torch.Tensor
     deep_logits: torch.Tensor
     responsibilities: torch.Tensor | None
     bases: torch.Tensor | None
     cluster_text_similarity: torch.Tensor | None
+    pixel_embeddings: torch.Tensor | None = None
+    deep_embeddings: torch.Tensor | None = None
 
 
 class TextGuidedPixelDecoder(nn.Module):
@@ -124,19 +182,48 @@ class TextGuidedPixelDecoder(nn.Module):
         return self.strides[0]
 
     @staticmethod
-    def _scores(pixels: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    def _scores(
+        pixels: torch.Tensor, text: torch.Tensor, log_scale: torch.Tensor, bias: torch.Tensor, normalize_text: bool = True
+    ) -> torch.Tensor:
         pixels = F.normalize(pixels, dim=1)
-        text = F.normalize(text, dim=-1)
+        if normalize_text:
+            text = F.normalize(text, dim=-1)
         scores = log_scale.exp().clamp(max=100.0) * torch.einsum("bchw,bpc->bphw", pixels, text) + bias
         return scores.contiguous()  # channels-last pixels would give prompt-innermost strides
 
-    def forward(self, feats: list[torch.Tensor], text: torch.Tensor, prompt_mask: torch.Tensor) -> DecoderOutput:
-        """``feats`` finest first; ``text [B, P, D]``; ``prompt_mask [B, P]`` True for real prompts."""
+    def _tokens(self, text: torch.Tensor) -> torch.Tensor:
         weight = self.text_head.weight
         text = text.to(weight.dtype)
         if self.text_centering:
             text = F.normalize(text - self.text_center.to(weight.dtype), dim=-1)
-        t = self.text_adapter(text)
+        return self.text_adapter(text)
+
+    def encode_text(self, text: torch.Tensor) -> DecoderPrompts:
+        """Text embeddings ``[..., D]`` -> :class:`DecoderPrompts` (unit score vectors). Feeding
+        them to ``forward`` gives exactly the logits of feeding ``text``."""
+        t = self._tokens(text)
+        return DecoderPrompts(t, F.normalize(self.text_head(t), dim=-1), F.normalize(self.deep_text_head(t), dim=-1))
+
+    def forward(
+        self,
+        feats: list[torch.Tensor],
+        text: torch.Tensor | DecoderPrompts,
+        prompt_mask: torch.Tensor,
+        *,
+        return_embeddings: bool = False,
+    ) -> DecoderOutput:
+        """``feats`` finest first; ``text [B, P, D]`` text embeddings or :class:`DecoderPrompts`
+        ``[B, P, ...]``; ``prompt_mask [B, P]`` True for real prompts."""
+        offset = None
+        if isinstance(text, DecoderPrompts):
+            dtype = self.text_head.weight.dtype
+            t = text.tokens.to(dtype)
+            keys, deep_text, given = text.keys.to(dtype), text.deep_keys.to(dtype), True
+            if text.bias is not None:
+                offset = text.bias.to(dtype)[..., None, None]
+        else:
+            t = self._tokens(text)
+            keys, deep_text, given = None, None, False
         deep = feats[-1]
         if self.em is not None:
             em_out = self.em(deep)
@@ -157,9 +244,14 @@ class TextGuidedPixelDecoder(nn.Module):
             lateral = self.laterals[i](feats[i])
             x = F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False) + lateral
             x = self.fuse[i](x)
-        logits = self._scores(self.pixel_head(x), self.text_head(t), self.logit_scale, self.logit_bias)
-        deep_text = self.deep_text_head(t)
-        deep_logits = self._scores(self.deep_pixel_head(clustered), deep_text, self.deep_logit_scale, self.deep_logit_bias)
+        pixel_emb = self.pixel_head(x)
+        if not given:
+            keys, deep_text = self.text_head(t), self.deep_text_head(t)
+        logits = self._scores(pixel_emb, keys, self.logit_scale, self.logit_bias, normalize_text=not given)
+        deep_emb = self.deep_pixel_head(clustered)
+        deep_logits = self._scores(deep_emb, deep_text, self.deep_logit_scale, self.deep_logit_bias, normalize_text=not given)
+        if offset is not None:
+            logits, deep_logits = logits + offset, deep_logits + offset
         similarity = None
         if em_out is not None:
             w_deep = self.deep_pixel_head.weight[:, :, 0, 0].float()  # [E, C_em]
@@ -171,4 +263,6 @@ class TextGuidedPixelDecoder(nn.Module):
             responsibilities=em_out.responsibilities if em_out is not None else None,
             bases=em_out.bases if em_out is not None else None,
             cluster_text_similarity=similarity,
+            pixel_embeddings=pixel_emb if return_embeddings else None,
+            deep_embeddings=deep_emb if return_embeddings else None,
         )

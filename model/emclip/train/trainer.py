@@ -52,6 +52,7 @@ from .state import load_state, rng_state, save_state, set_rng_state
 logger = logging.getLogger("emclip.train")
 
 LOG_FIELDS = ["epoch", "step", "lr", "loss", "bce", "dice", "images_per_s", "seconds"]
+SEMI_LOG_FIELDS = ["unsup_loss", "confident_fraction", "unsup_weight"]
 LogCallback = Callable[[dict[str, Any]], None]
 
 
@@ -199,17 +200,16 @@ def _disambiguated_names(entries: Sequence[DatasetEntry], paths: Sequence[Path])
     return [n if n not in dup or e.name else f"{p.parent.name}/{p.name}" for n, e, p in zip(names, entries, paths)]
 
 
-def open_entries(cfg: TrainConfig, entries: Sequence[DatasetEntry]):
-    """Open the datasets of ``entries`` and select their split; returns a list of Sources."""
+def _open_splits(cfg: TrainConfig, entries: Sequence[DatasetEntry], allow_unlabelled: bool = False):
+    """Yield ``(entry, name, dataset, split indices)`` for each entry (limit applied)."""
     from ..data.folder import open_dataset
     from ..data.splits import split_dataset
-    from ..data.training import Source
 
     paths = [cfg.resolve_path(e) for e in entries]
     names = _disambiguated_names(entries, paths)
-    sources = []
     for entry, path, name in zip(entries, paths, names):
-        ds = open_dataset(path, axis=entry.axis, channel=entry.channel, only_labelled=entry.only_labelled)
+        ds = open_dataset(path, axis=entry.axis, channel=entry.channel, only_labelled=entry.only_labelled,
+                          allow_unlabelled=allow_unlabelled)
         split = split_dataset(ds, seed=cfg.split.seed, val_fraction=cfg.split.val_fraction,
                               test_fraction=cfg.split.test_fraction)
         idx = split.part(entry.split)
@@ -217,8 +217,51 @@ def open_entries(cfg: TrainConfig, entries: Sequence[DatasetEntry]):
             idx = idx[: entry.limit]
         if not idx:
             raise ConfigError(f"{path}: the {entry.split!r} split is empty; choose another split or fractions")
-        sources.append(Source(dataset=ds, indices=idx, repeat=entry.repeat, name=name))
-    return sources
+        yield entry, name, ds, idx
+
+
+def open_entries(cfg: TrainConfig, entries: Sequence[DatasetEntry]):
+    """Open the datasets of ``entries`` and select their split; returns a list of Sources."""
+    from ..data.training import Source
+
+    return [Source(dataset=ds, indices=idx, repeat=entry.repeat, name=name)
+            for entry, name, ds, idx in _open_splits(cfg, entries)]
+
+
+def open_train_sources(cfg: TrainConfig):
+    """``(labelled, unlabelled)`` Sources of ``cfg.train``.
+
+    Per entry, :func:`emclip.data.unlabelled.select_labelled` keeps the masks of
+    ``labelled_fraction`` of the patients (``labelled_seed``); entries with ``unlabelled: true``
+    and images without masks are unlabelled. Unlabelled samples are returned only when
+    ``semi_supervised.enabled`` (a supervised run drops them, so the two protocols see the same
+    labelled patients); ``repeat`` applies to the labelled part.
+    """
+    from ..data.training import Source
+    from ..data.unlabelled import select_labelled
+
+    semi = cfg.semi_supervised.enabled
+    labelled, unlabelled = [], []
+    for entry, name, ds, idx in _open_splits(cfg, cfg.train, allow_unlabelled=semi):
+        if entry.unlabelled:
+            lab, unl = [], list(idx)
+        else:
+            lab, unl = select_labelled(ds, idx, entry.labelled_fraction, entry.labelled_seed)
+        if lab:
+            labelled.append(Source(dataset=ds, indices=lab, repeat=entry.repeat, name=name))
+        if unl and semi:
+            unlabelled.append(Source(dataset=ds, indices=unl, repeat=1, name=name))
+        groups = sorted({ds.group_of(i) for i in lab})
+        logger.info("%s: %d labelled images (%d groups%s), %d %s", name, len(lab), len(groups),
+                    f": {', '.join(groups)}" if len(groups) <= 5 else "", len(unl),
+                    "unlabelled" if semi else "without masks left out")
+    if not labelled:
+        raise ConfigError("no labelled training images: keep labelled_fraction > 0 on at least one entry that is "
+                          "not 'unlabelled: true'")
+    if semi and not unlabelled:
+        raise ConfigError("semi_supervised.enabled but there are no unlabelled images: set labelled_fraction < 1, "
+                          "add an entry with 'unlabelled: true', or put images without masks in a dataset")
+    return labelled, unlabelled
 
 
 def _check_vocabulary(model: nn.Module, sources) -> None:
@@ -459,6 +502,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
 
     from ..data.training import PromptedDataset, collate
 
+    semi = cfg.semi_supervised
     if info.enabled and device.type == "cuda":
         device = torch.device("cuda", info.local_rank)
     if cfg.batch_size % info.world_size:
@@ -470,14 +514,32 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
     model = build_model(cfg).to(device)
     model.train()
 
-    train_sources = open_entries(cfg, cfg.train)
-    _check_vocabulary(model, train_sources)
+    train_sources, unlabelled_sources = open_train_sources(cfg)
+    _check_vocabulary(model, train_sources + unlabelled_sources)
+    from ..modality import merge_known_structures
+
+    # what the model will know, per modality, for prompt-free segmentation (saved in config.json)
+    model.config.known_structures = merge_known_structures(
+        model.config.known_structures, [(s.dataset.spec.modality, s.dataset.spec.structure_names) for s in train_sources]
+    )
     known = known_prompt_checker(model)
     prompt_cfg = cfg.prompts
     if prompt_cfg.templates and not uses_templates(model):
         prompt_cfg = dataclasses.replace(prompt_cfg, templates=False)
     train_ds = PromptedDataset(train_sources, model.image_size, model.pixel_mean, model.pixel_std, train=True,
-                               augment_cfg=cfg.augment, prompt_cfg=prompt_cfg, seed=cfg.seed, known_names=known)
+                               augment_cfg=cfg.augment, prompt_cfg=prompt_cfg, seed=cfg.seed, known_names=known,
+                               sequences=getattr(model, "sequences", None))
+    unl_ds = None
+    if semi.enabled:
+        from ..data.unlabelled import UnlabelledDataset
+
+        unl_ds = UnlabelledDataset(unlabelled_sources, model.image_size, model.pixel_mean, model.pixel_std,
+                                   augment_cfg=cfg.augment, prompt_cfg=prompt_cfg, seed=cfg.seed + 1,
+                                   known_names=known, noise_std=semi.noise_std, cutout_p=semi.cutout_p)
+        unl_batch = semi.unlabelled_batch_size or cfg.batch_size
+        if unl_batch % info.world_size or len(unl_ds) < unl_batch:
+            raise ConfigError(f"semi_supervised.unlabelled_batch_size={unl_batch} must be divisible by the number of "
+                              f"processes ({info.world_size}) and at most the {len(unl_ds)} unlabelled images")
     val_loader = val_ds = None
     if cfg.val:
         val_sources = open_entries(cfg, cfg.val)
@@ -486,7 +548,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
             for s in val_sources:
                 s.indices = s.indices[: cfg.val_max_images]
         val_ds = PromptedDataset(val_sources, model.image_size, model.pixel_mean, model.pixel_std, train=False,
-                                 seed=cfg.seed, known_names=known)
+                                 seed=cfg.seed, known_names=known, sequences=getattr(model, "sequences", None))
         if info.is_main:
             val_loader = DataLoader(val_ds, batch_size=cfg.val_batch_size, shuffle=False, collate_fn=collate,
                                     num_workers=cfg.num_workers)
@@ -504,12 +566,17 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
     sentences = None
     if is_text_model(model):
         wanted = train_ds.possible_prompts()
-        if val_ds is not None:  # on every rank, so all ranks encode the same sentence list
-            for m, names in val_ds.possible_prompts().items():
+        for other in (val_ds, unl_ds):  # on every rank, so all ranks encode the same sentence list
+            if other is None:
+                continue
+            for m, names in other.possible_prompts().items():
                 wanted[m] = sorted(set(wanted.get(m, [])) | set(names))
         sentences = SentenceTable(model, wanted)
-        if getattr(getattr(model, "decoder", None), "text_centering", False) and sentences.table:
-            # centre of the run's prompt vocabulary (a resumed run reloads the saved buffer below)
+        from_checkpoint = Path(cfg.model).expanduser().is_dir()
+        if (getattr(getattr(model, "decoder", None), "text_centering", False) and sentences.table
+                and not from_checkpoint):
+            # centre of the run's prompt vocabulary (a resumed run reloads the saved buffer below);
+            # a run starting from a trained checkpoint keeps its centre (its decoder was fitted to it)
             model.decoder.set_text_center(torch.stack([sentences.table[k] for k in sorted(sentences.table)]))
     step_module: nn.Module = _StepModule(model, sentences)
     if info.enabled:
@@ -529,6 +596,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
     epoch, step, best = 0, 0, -math.inf
+    resume_state: dict[str, Any] | None = None
+    log_fields = LOG_FIELDS + (SEMI_LOG_FIELDS if semi.enabled else [])
     if resume:
         found = last_checkpoint(out)
         if found is None:
@@ -541,7 +610,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
 
             weights = load_file(str(folder / "model.safetensors"), device=str(device))
             load_weights_into(model, weights, str(folder))
-            st = load_state(folder)
+            st = resume_state = load_state(folder)
             _load_optimizer_state(opt, st["optimizer"])
             if st.get("scaler"):
                 scaler.load_state_dict(st["scaler"])
@@ -552,11 +621,23 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                 logger.warning("resuming a %s-process run with %s processes", st.get("world_size"), info.world_size)
             if info.is_main:
                 rows = [r for r in read_csv(out / "log.csv") if int(r["step"]) <= step]
-                _write_csv_rows(out / "log.csv", rows, LOG_FIELDS)
+                _write_csv_rows(out / "log.csv", rows, log_fields)
                 vrows = [r for r in read_csv(out / "val.csv") if int(r["epoch"]) <= epoch]
                 if vrows or (out / "val.csv").exists():
                     _write_csv_rows(out / "val.csv", vrows, list(vrows[0].keys()) if vrows else ["epoch", "step", "val_dice"])
             logger.info("resumed from %s (epoch %d, step %d)", folder, epoch, step)
+
+    teacher = teacher_step = None
+    if semi.enabled:
+        from .semi import EMATeacher
+
+        teacher = EMATeacher(model, semi.ema_decay, semi.ema_warmup)
+        if resume_state is not None:
+            if "teacher" not in resume_state:
+                raise CheckpointError("the checkpoint has no EMA teacher (it comes from a supervised run); "
+                                      "resume it with semi_supervised.enabled=false")
+            teacher.load_state_dict(resume_state["teacher"])
+        teacher_step = _StepModule(teacher.module, sentences)
 
     tb = None
     csv_log = val_log = None
@@ -567,7 +648,7 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
         from ..io import atomic_write_text
 
         atomic_write_text(out / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        csv_log = _CsvLog(out / "log.csv", LOG_FIELDS)
+        csv_log = _CsvLog(out / "log.csv", log_fields)
         if cfg.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
@@ -591,8 +672,11 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
             sampler.set_epoch(epoch)
             loader = DataLoader(train_ds, batch_size=per_rank, sampler=sampler, drop_last=True, collate_fn=collate,
                                 num_workers=cfg.num_workers)
+            unl_stream = None
+            if unl_ds is not None:
+                unl_stream = _unlabelled_batches(unl_ds, epoch, unl_batch // info.world_size, info, cfg)
             t_last = time.perf_counter()
-            window = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "n": 0, "images": 0}
+            window = _new_window()
             for k, batch in enumerate(loader):
                 if k >= steps_per_epoch:
                     break
@@ -604,14 +688,35 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                 images = batch["image"].to(device, non_blocking=True)
                 targets = batch["targets"].to(device, non_blocking=True)
                 pmask = batch["prompt_mask"].to(device)
+                ubatch = next(unl_stream) if unl_stream is not None else None
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=use_amp):
-                    logits, deep = step_module(images, batch)
+                    if ubatch is None:
+                        logits, deep = step_module(images, batch)
+                    else:  # one student forward over labelled + strong unlabelled views (one DDP call)
+                        from .semi import merge_batches
+
+                        with torch.no_grad():
+                            t_logits, _ = teacher_step(ubatch["image_weak"].to(device), ubatch)
+                        both = torch.cat([images, ubatch["image"].to(device)])
+                        logits, deep = step_module(both, merge_batches(batch, ubatch))
+                        n_l, p_l, p_u = images.shape[0], pmask.shape[1], ubatch["prompt_mask"].shape[1]
+                        u_logits = logits[n_l:, :p_u]
+                        logits, deep = logits[:n_l, :p_l], (deep[:n_l, :p_l] if deep is not None else None)
                 loss, parts = segmentation_loss(logits.float(), targets, pmask, cfg.loss)
+                if ubatch is not None:
+                    from .semi import pseudo_label_loss, rampup_weight
+
+                    u_loss, u_parts = pseudo_label_loss(u_logits.float(), torch.sigmoid(t_logits.float()),
+                                                        ubatch["prompt_mask"].to(device), semi.confidence, cfg.loss)
+                    u_weight = rampup_weight(step, total_steps, semi)
+                    parts.update(u_parts, unsup_weight=torch.tensor(u_weight))
                 if deep is not None and cfg.loss.deep_weight > 0:
                     up = torch.nn.functional.interpolate(deep.float(), size=targets.shape[-2:], mode="bilinear",
                                                          align_corners=False)
                     deep_loss, _ = segmentation_loss(up, targets, pmask, cfg.loss)
                     loss = loss + cfg.loss.deep_weight * deep_loss
+                if ubatch is not None:
+                    loss = loss + u_weight * u_loss
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {step}; lower optim.lr or check the data")
                 opt.zero_grad(set_to_none=True)
@@ -621,11 +726,14 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                     torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], cfg.optim.grad_clip)
                 scaler.step(opt)
                 scaler.update()
+                if teacher is not None:
+                    teacher.update(model, step)
                 step += 1
-                lv = ddp.all_reduce_mean(torch.stack([loss.detach(), parts["bce"], parts["dice"]]), info).cpu()
-                window["loss"] += float(lv[0])
-                window["bce"] += float(lv[1])
-                window["dice"] += float(lv[2])
+                keys = ["loss", "bce", "dice"] + (["unsup", "confident", "unsup_weight"] if ubatch is not None else [])
+                parts["loss"] = loss.detach()
+                lv = ddp.all_reduce_mean(torch.stack([parts[key].float().to(device) for key in keys]), info).cpu()
+                for key, value in zip(keys, lv):
+                    window[key] += float(value)
                 window["n"] += 1
                 window["images"] += cfg.batch_size
                 report(progress, step, total_steps)
@@ -636,6 +744,10 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                     rec = {"epoch": epoch, "step": step, "lr": cfg.optim.lr * factor,
                            "loss": window["loss"] / window["n"], "bce": window["bce"] / window["n"],
                            "dice": window["dice"] / window["n"], "images_per_s": ips, "seconds": now - t_last}
+                    if teacher is not None:
+                        rec.update({"unsup_loss": window["unsup"] / window["n"],
+                                    "confident_fraction": window["confident"] / window["n"],
+                                    "unsup_weight": window["unsup_weight"] / window["n"]})
                     history.append(rec)
                     if csv_log is not None:
                         csv_log.write(rec)
@@ -644,12 +756,17 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                             tb.add_scalar(f"train/{key}", rec[key], step)
                     if log is not None and info.is_main:
                         log(dict(rec, kind="train"))
-                    window = {"loss": 0.0, "bce": 0.0, "dice": 0.0, "n": 0, "images": 0}
+                    window = _new_window()
                     t_last = time.perf_counter()
+            if unl_stream is not None:
+                unl_stream.close()
             epoch += 1
             # validation + checkpoint on rank 0, others wait
             if info.is_main:
                 val = validate(model, val_loader, device, cancel) if val_loader is not None else {}
+                chosen, extra = model, {}
+                if teacher is not None:
+                    chosen, val, extra = _select(model, teacher.module, val, val_loader, device, cancel, semi.select)
                 score = val.get("mean")
                 improved = score is not None and math.isfinite(score) and score > best
                 if improved:
@@ -658,12 +775,14 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
                          "rng": rng_state(), "epoch": epoch, "step": step,
                          "best": best if math.isfinite(best) else None, "world_size": info.world_size,
                          "config": cfg.to_dict()}
+                if teacher is not None:
+                    state["teacher"] = teacher.state_dict()
                 last_ck = _save_epoch(out, model, state, epoch, step, cfg.keep_checkpoints)
                 if improved or (val_loader is None and epoch == cfg.epochs):
-                    best_ck = _save_best(out, model)
+                    best_ck = _save_best(out, chosen)
                 if val:
                     vrec = {"epoch": epoch, "step": step, "val_dice": val["mean"],
-                            **{f"val_dice/{k}": v for k, v in val.items() if k != "mean"}}
+                            **{f"val_dice/{k}": v for k, v in val.items() if k != "mean"}, **extra}
                     if val_log is None:
                         val_log = _CsvLog(out / "val.csv", list(vrec.keys()))
                     val_log.write(vrec)
@@ -689,6 +808,44 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
         last_checkpoint=last_ck, best_checkpoint=best_ck, history=history,
         images_per_s=float(np.median(ips_hist)) if ips_hist else None, eval_results=eval_results,
     )
+
+
+def _new_window() -> dict[str, float]:
+    return {"loss": 0.0, "bce": 0.0, "dice": 0.0, "unsup": 0.0, "confident": 0.0, "unsup_weight": 0.0,
+            "n": 0, "images": 0}
+
+
+def _unlabelled_batches(unl_ds, epoch: int, per_rank: int, info: ddp.DistInfo, cfg: TrainConfig):
+    """Endless unlabelled batches for ``epoch``: reshuffled passes ("cycles") whose order and
+    augmentation depend only on (seed, epoch, cycle), so a resumed epoch repeats exactly."""
+    from torch.utils.data import DataLoader
+    from torch.utils.data.distributed import DistributedSampler
+
+    from ..data.unlabelled import collate_unlabelled
+
+    cycle = 0
+    while True:
+        sub_epoch = epoch * 1_000_000 + cycle
+        unl_ds.set_epoch(sub_epoch)
+        sampler = DistributedSampler(unl_ds, num_replicas=info.world_size, rank=info.rank, shuffle=True,
+                                     seed=cfg.seed + 1, drop_last=True)
+        sampler.set_epoch(sub_epoch)
+        yield from DataLoader(unl_ds, batch_size=per_rank, sampler=sampler, drop_last=True,
+                              collate_fn=collate_unlabelled, num_workers=cfg.num_workers)
+        cycle += 1
+
+
+def _select(student: nn.Module, teacher: nn.Module, val: dict[str, float], loader, device, cancel,
+            mode: str) -> tuple[nn.Module, dict[str, float], dict[str, Any]]:
+    """The model kept for ``best/`` (semi-supervised runs), its validation scores and the extra
+    val.csv columns (``val_dice_student``, ``val_dice_teacher``, ``selected``)."""
+    if loader is None:
+        return (student if mode == "student" else teacher), val, {}
+    tval = validate(teacher, loader, device, cancel)
+    use_teacher = mode == "teacher" or (mode == "better" and tval["mean"] >= val["mean"])
+    extra = {"val_dice_student": val["mean"], "val_dice_teacher": tval["mean"],
+             "selected": "teacher" if use_teacher else "student"}
+    return (teacher, tval, extra) if use_teacher else (student, val, extra)
 
 
 def _evaluate_at_end(cfg: TrainConfig, best: Path, device: torch.device, cancel) -> dict[str, Any]:
