@@ -38,7 +38,6 @@ from qtpy.QtWidgets import (
     QLineEdit,
     QListWidget,
     QListWidgetItem,
-    QProgressBar,
     QPushButton,
     QSpinBox,
     QToolButton,
@@ -47,6 +46,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import META_KEY
+from ._qt_helpers import idle_progress_bar, run_cancel_row, status_label
 
 if TYPE_CHECKING:
     import napari
@@ -166,18 +166,11 @@ class TrainingWidget(QWidget):
         self.steps_spin.setRange(1, 10000)
         self.steps_spin.setValue(25)
         ft_form.addRow("Steps per epoch", self.steps_spin)
-        buttons = QHBoxLayout()
-        self.finetune_button = QPushButton("Fine-tune")
-        self.finetune_button.clicked.connect(self.start_finetune)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.finetune_button)
-        buttons.addWidget(self.cancel_button)
+        buttons, self.finetune_button, self.cancel_button = run_cancel_row(
+            "Fine-tune", self.start_finetune, self.cancel
+        )
         ft_form.addRow(buttons)
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self.progress_bar = idle_progress_bar()
         ft_form.addRow(self.progress_bar)
         switch = QHBoxLayout()
         self.use_button = QPushButton("Use fine-tuned model")
@@ -190,9 +183,7 @@ class TrainingWidget(QWidget):
         switch.addWidget(self.back_button)
         ft_form.addRow(switch)
         layout.addWidget(ft_box)
-        self.status_label = QLabel("Ready.")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status_label = status_label()
         layout.addWidget(self.status_label)
         layout.addStretch(1)
 

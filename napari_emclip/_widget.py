@@ -35,7 +35,7 @@ from emclip.errors import (
 from emclip.prompts import PRESETS
 from napari.layers import Image
 from napari.utils.notifications import show_error, show_info, show_warning
-from qtpy.QtCore import QEvent, QObject, Qt, QThreadPool, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, QThreadPool, QTimer, Signal
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -46,8 +46,6 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QLabel,
     QPlainTextEdit,
-    QProgressBar,
-    QPushButton,
     QSpinBox,
     QToolButton,
     QVBoxLayout,
@@ -63,6 +61,7 @@ from ._layers import (
     placement_batches,
     plan_placements,
 )
+from ._qt_helpers import idle_progress_bar, run_cancel_row, status_label
 from ._widget_sections import Sections
 from ._worker import (
     ModelSlot,
@@ -363,24 +362,15 @@ class EMClipWidget(QWidget):
             out_layout.addWidget(box)
         layout.addWidget(outputs)
 
-        buttons = QHBoxLayout()
-        self.run_button = QPushButton("Run")
-        self.run_button.clicked.connect(self.run)
-        self.cancel_button = QPushButton("Cancel")
-        self.cancel_button.setEnabled(False)
-        self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.run_button)
-        buttons.addWidget(self.cancel_button)
+        buttons, self.run_button, self.cancel_button = run_cancel_row(
+            "Run", self.run, self.cancel
+        )
         buttons.addWidget(self.sections.automatic_button)
         layout.addLayout(buttons)
 
-        self.progress_bar = QProgressBar()
-        self.progress_bar.setRange(0, 1)
-        self.progress_bar.setValue(0)
+        self.progress_bar = idle_progress_bar()
         layout.addWidget(self.progress_bar)
-        self.status_label = QLabel("Ready.")
-        self.status_label.setWordWrap(True)
-        self.status_label.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.status_label = status_label()
         layout.addWidget(self.status_label)
         disclaimer = QLabel(DISCLAIMER)
         disclaimer.setWordWrap(True)

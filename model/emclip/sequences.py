@@ -29,12 +29,26 @@ ALIASES: dict[str, str] = {
     "t1c": "t1ce", "t1gd": "t1ce", "t1-ce": "t1ce", "t1_ce": "t1ce", "t1post": "t1ce", "t1+c": "t1ce",
     "t1-gd": "t1ce", "t1contrast": "t1ce",
     "t2w": "t2", "t2-weighted": "t2",
+    "t2f": "flair", "t1n": "t1",  # BraTS 2023 file suffixes
 }
-"""Other spellings of the sequence names (matched case-insensitively, spaces removed)."""
+"""Other spellings of the sequence names (matched case-insensitively, spaces removed; also with
+``-``/``_`` removed). The one table: :mod:`emclip.volume_io` reads file-name suffixes with it."""
 
 PERCENTILES = (0.5, 99.5)
 MIN_FOREGROUND = 0.01
 """If fewer than this share of voxels is above the minimum, the window uses all voxels."""
+
+
+def sequence_alias(name: str) -> str | None:
+    """The name in :data:`KNOWN_SEQUENCES` that ``name`` spells ("T1c" -> "t1ce", "t2_flair" ->
+    "flair"), else None. Case-insensitive, spaces ignored; tried as given, then without ``-``/``_``."""
+    key = "".join(str(name).split()).lower()
+    for k in (key, key.replace("-", "").replace("_", "")):
+        if k in KNOWN_SEQUENCES:
+            return k
+        if k in ALIASES:
+            return ALIASES[k]
+    return None
 
 
 def canonical_sequence(name: str, known: Sequence[str] = KNOWN_SEQUENCES) -> str:
@@ -48,7 +62,7 @@ def canonical_sequence(name: str, known: Sequence[str] = KNOWN_SEQUENCES) -> str
     table = {k.lower(): k for k in known}
     if key in table:
         return table[key]
-    alias = ALIASES.get(key)
+    alias = sequence_alias(key)
     if alias is not None and alias in table:
         return table[alias]
     raise InvalidArgumentError(
@@ -118,5 +132,6 @@ __all__ = [
     "canonical_sequences",
     "foreground_window",
     "normalise_sequence",
+    "sequence_alias",
     "to_layout",
 ]

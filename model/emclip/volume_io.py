@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from .errors import InvalidArgumentError, InvalidImageError
+from .sequences import sequence_alias
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 """File name endings read as NIfTI (case-insensitive)."""
@@ -32,22 +33,6 @@ AXIS_CODES: dict[str, tuple[str, str]] = {
     "sagittal": ("L", "R"),
 }
 """Orientation codes (nibabel ``aff2axcodes``) of the voxel axis each slice plane is stacked along."""
-
-SEQUENCE_ALIASES: dict[str, str] = {
-    "flair": "flair",
-    "t2f": "flair",
-    "t2flair": "flair",
-    "t1": "t1",
-    "t1n": "t1",
-    "t1w": "t1",
-    "t1ce": "t1ce",
-    "t1c": "t1ce",
-    "t1gd": "t1ce",
-    "t1post": "t1ce",
-    "t2": "t2",
-    "t2w": "t2",
-}
-"""File name suffixes (after the last ``_`` or ``-``) -> canonical sequence name."""
 
 LABEL_SUFFIXES = ("seg", "label", "labels", "mask", "brainmask", "gt")
 """Suffixes of files holding labels, not images (skipped by :func:`read_sequences`)."""
@@ -70,15 +55,15 @@ def nifti_stem(path: str | os.PathLike) -> str:
 def split_sequence_name(path: str | os.PathLike) -> tuple[str, str | None]:
     """``(case, sequence)`` from a file name: ``pat1_t1c.nii.gz`` -> ``("pat1", "t1ce")``.
 
-    The sequence is the part after the last ``_`` or ``-`` when it is a known alias
-    (:data:`SEQUENCE_ALIASES`), else None (and ``case`` is the whole stem).
+    The sequence is the part after the last ``_`` or ``-`` when it names a sequence
+    (:func:`emclip.sequences.sequence_alias`), else None (and ``case`` is the whole stem).
     """
     stem = nifti_stem(path)
     match = re.match(r"^(.*?)[_\-.]([A-Za-z0-9]+)$", stem)
     if match:
-        key = match.group(2).lower().replace("-", "")
-        if key in SEQUENCE_ALIASES:
-            return match.group(1), SEQUENCE_ALIASES[key]
+        sequence = sequence_alias(match.group(2))
+        if sequence is not None:
+            return match.group(1), sequence
     return stem, None
 
 
@@ -305,8 +290,8 @@ def read_sequences(
 
 
 def _canonical(name: str) -> str:
-    key = str(name).strip().lower()
-    return SEQUENCE_ALIASES.get(key.replace("-", "").replace("_", ""), key)
+    """The known sequence ``name`` spells, else ``name`` stripped and lower-cased."""
+    return sequence_alias(name) or str(name).strip().lower()
 
 
 def _names(volumes: Sequence[Volume]) -> list[str]:

@@ -1,6 +1,7 @@
 """Pieces every ``emclip`` subcommand needs: Ctrl-C as a cancel request, a progress bar fed by
-the library's ``progress(done, total)`` callbacks, and option types that refuse bad values with
-one usage line. No torch import here (``emclip --help`` stays fast)."""
+the library's ``progress(done, total)`` callbacks, option types that refuse bad values with
+one usage line, and the check that an output folder is free. No torch import here
+(``emclip --help`` stays fast)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import contextlib
 import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 
@@ -61,3 +63,45 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a whole number >= 1, got {value}")
     return value
+
+
+def same_file(path: Path) -> tuple:
+    """Identity of an existing file (device, inode), else its absolute path."""
+    try:
+        st = path.stat()
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return (str(path.absolute()),)
+
+
+def check_out_dir(
+    out: str | Path,
+    inputs: Iterable[Path],
+    planned: list[Path],
+    overwrite: bool,
+    replaces: Callable[[Path], str],
+) -> Path:
+    """Check the ``--out`` folder before anything is written; returns it as a Path.
+
+    Raises NotADirectoryError when ``out`` is an existing file, InvalidArgumentError when a
+    ``planned`` output is one of the ``inputs`` (message: "the output P would replace
+    {replaces(P)}; ..."), FileExistsError when planned outputs exist and ``overwrite`` is False.
+    """
+    from ..errors import InvalidArgumentError
+
+    out_dir = Path(out)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
+    identities = {same_file(f) for f in inputs}
+    for p in planned:
+        if p.exists() and same_file(p) in identities:
+            raise InvalidArgumentError(f"the output {p} would replace {replaces(p)}; choose another --out folder")
+    if not overwrite:
+        existing = [p for p in planned if p.exists()]
+        if existing:
+            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
+            raise FileExistsError(
+                f"{existing[0]}{more} already exist; nothing was written. "
+                "Pass --overwrite to replace them, or choose another --out folder"
+            )
+    return out_dir

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import progress_bar
+from .common import check_out_dir, progress_bar
 from .common import sigint_cancels as _sigint_cancels
 
 NAME = "segment"
@@ -255,39 +255,11 @@ def _check_inputs(args: argparse.Namespace) -> tuple[list[Path], Path]:
                 f"{other} and {path} would write the same output files (same name {path.stem!r}); "
                 "rename one or run them with different --out folders"
             )
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
-    inputs = {_same_file(p) for p in images}
-    for img in images:
-        for p in output_paths(img, out_dir, not args.no_overlay):
-            if p.exists() and _same_file(p) in inputs:
-                raise InvalidArgumentError(
-                    f"the output {p} would replace the input image {p.name}; choose another --out folder"
-                )
-    if not args.overwrite:
-        existing = [
-            p
-            for img in images
-            for p in output_paths(img, out_dir, not args.no_overlay)
-            if p.exists()
-        ]
-        if existing:
-            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-            raise FileExistsError(
-                f"{existing[0]}{more} already exist; nothing was written. "
-                "Pass --overwrite to replace them, or choose another --out folder"
-            )
+    planned = [p for img in images for p in output_paths(img, Path(args.out), not args.no_overlay)]
+    out_dir = check_out_dir(
+        args.out, images, planned, args.overwrite, replaces=lambda p: f"the input image {p.name}"
+    )
     return images, out_dir
-
-
-def _same_file(path: Path) -> tuple:
-    """Identity of an existing file (device, inode), else its absolute path."""
-    try:
-        st = path.stat()
-        return (st.st_dev, st.st_ino)
-    except OSError:
-        return (str(path.absolute()),)
 
 
 def _with_context(exc: BaseException, path: Path, done: int, total: int) -> BaseException:

@@ -76,7 +76,7 @@ def output_paths(case: str, prompts: list[str], out_dir: Path) -> list[Path]:
 
 def _check(args: argparse.Namespace, prompts: list[str]) -> tuple[list[tuple[str, list[Path]]], Path]:
     from ..volume_io import check_nifti_file
-    from .segment import _same_file
+    from .common import check_out_dir
 
     if args.channel_axis is not None:
         raise InvalidArgumentError(
@@ -89,22 +89,9 @@ def _check(args: argparse.Namespace, prompts: list[str]) -> tuple[list[tuple[str
     for _, files in cases:
         for f in files:
             check_nifti_file(f)
-    out_dir = Path(args.out)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise NotADirectoryError(f"--out {out_dir} exists and is not a folder")
-    inputs = {_same_file(f) for _, files in cases for f in files}
-    planned = [p for case, _ in cases for p in output_paths(case, prompts, out_dir)]
-    for p in planned:
-        if p.exists() and _same_file(p) in inputs:
-            raise InvalidArgumentError(f"the output {p} would replace an input volume; choose another --out folder")
-    if not args.overwrite:
-        existing = [p for p in planned if p.exists()]
-        if existing:
-            more = f" and {len(existing) - 1} more" if len(existing) > 1 else ""
-            raise FileExistsError(
-                f"{existing[0]}{more} already exist; nothing was written. "
-                "Pass --overwrite to replace them, or choose another --out folder"
-            )
+    planned = [p for case, _ in cases for p in output_paths(case, prompts, Path(args.out))]
+    inputs = [f for _, files in cases for f in files]
+    out_dir = check_out_dir(args.out, inputs, planned, args.overwrite, replaces=lambda p: "an input volume")
     return cases, out_dir
 
 

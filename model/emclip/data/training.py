@@ -207,6 +207,31 @@ class PromptedDataset:
                 names.append("")
         return prompts[: cfg.max_prompts], names[: cfg.max_prompts]
 
+    def _prompts_and_texts(self, spec, rng: random.Random, templates: bool) -> tuple[list[str], list[str], list[str]]:
+        """``(prompts, names, texts)``: :meth:`_prompts`, then each prompt put in a random
+        template when ``templates`` (else the texts are the prompts)."""
+        prompts, names = self._prompts(spec, rng)
+        if templates:
+            texts = [random_template(p, spec.modality, rng) for p in prompts]
+        else:
+            texts = list(prompts)
+        return prompts, names, texts
+
+    def _sample_dict(self, tensors: dict[str, Any], prompts: list[str], texts: list[str], names: list[str],
+                     spec: Any, src: Source, sample: Any, i: int) -> dict[str, Any]:
+        """One item: ``tensors`` (image, targets, ...) first, then prompts, texts, names, modality,
+        dataset, id and index."""
+        return {
+            **tensors,
+            "prompts": prompts,
+            "texts": texts,
+            "names": names,
+            "modality": spec.modality,
+            "dataset": src.name or spec.dirname,
+            "id": sample.id,
+            "index": int(i),
+        }
+
     def __getitem__(self, i: int) -> dict[str, Any]:
         import torch
 
@@ -231,28 +256,18 @@ class PromptedDataset:
         image, _ = letterbox(image, self.image_size)
         labels, _ = letterbox(labels, self.image_size, is_mask=True)
         spec = sample.spec
-        prompts, names = self._prompts(spec, rng)
-        if self.train and self.prompt_cfg.templates:
-            texts = [random_template(p, spec.modality, rng) for p in prompts]
-        else:
-            texts = list(prompts)
+        prompts, names, texts = self._prompts_and_texts(spec, rng, self.train and self.prompt_cfg.templates)
         masks = spec.structure_masks(labels)
         targets = np.zeros((len(prompts), self.image_size, self.image_size), dtype=np.uint8)
         for k, name in enumerate(names):
             if name:
                 targets[k] = masks[spec.structure_names.index(name)]
         x = image.astype(np.float32) if multi else (image.astype(np.float32) - self.mean) / self.std
-        return {
+        tensors = {
             "image": torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))),
             "targets": torch.from_numpy(targets),
-            "prompts": prompts,
-            "texts": texts,
-            "names": names,
-            "modality": spec.modality,
-            "dataset": src.name or spec.dirname,
-            "id": sample.id,
-            "index": int(i),
         }
+        return self._sample_dict(tensors, prompts, texts, names, spec, src, sample, i)
 
 
 def _jitter_sequences(image: np.ndarray, rng: np.random.Generator, strength: str) -> np.ndarray:

@@ -140,30 +140,18 @@ class UnlabelledDataset(PromptedDataset):
         weak, _ = letterbox(weak, self.image_size)
         strong, _ = letterbox(strong, self.image_size)
         spec = sample.spec
-        prompts, names = self._prompts(spec, rng)
-        if self.prompt_cfg.templates:
-            from ..prompts import random_template
-
-            texts = [random_template(p, spec.modality, rng) for p in prompts]
-        else:
-            texts = list(prompts)
+        prompts, names, texts = self._prompts_and_texts(spec, rng, bool(self.prompt_cfg.templates))
 
         def tensor(x: np.ndarray):
             x = (x.astype(np.float32) - self.mean) / self.std
             return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
-        return {
+        tensors = {
             "image": tensor(strong),
             "image_weak": tensor(weak),
             "targets": torch.zeros((len(prompts), self.image_size, self.image_size), dtype=torch.uint8),
-            "prompts": prompts,
-            "texts": texts,
-            "names": names,
-            "modality": spec.modality,
-            "dataset": src.name or spec.dirname,
-            "id": sample.id,
-            "index": int(i),
         }
+        return self._sample_dict(tensors, prompts, texts, names, spec, src, sample, i)
 
 
 def collate_unlabelled(batch: list[dict[str, Any]]) -> dict[str, Any]:

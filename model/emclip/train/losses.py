@@ -28,13 +28,26 @@ class LossConfig:
     deep_weight: float = 0.4
 
 
-def soft_dice_loss(logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0) -> torch.Tensor:
-    """``1 - soft Dice`` per (sample, prompt): inputs ``[B, P, H, W]``, returns ``[B, P]``."""
+def soft_dice_loss(
+    logits: torch.Tensor, targets: torch.Tensor, smooth: float = 1.0, pixel_weight: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``1 - soft Dice`` per (sample, prompt): inputs ``[B, P, H, W]``, returns ``[B, P]``.
+    ``pixel_weight`` (``[B, P, H, W]``, default None = all 1) multiplies probabilities and targets."""
     probs = torch.sigmoid(logits.float())
     t = targets.float()
+    if pixel_weight is not None:
+        probs = probs * pixel_weight
+        t = t * pixel_weight
     inter = (probs * t).flatten(2).sum(-1)
     denom = probs.flatten(2).sum(-1) + t.flatten(2).sum(-1)
     return 1.0 - (2.0 * inter + smooth) / (denom + smooth)
+
+
+def prompt_weights(prompt_mask: torch.Tensor | None, logits: torch.Tensor) -> torch.Tensor:
+    """``prompt_mask`` ``[B, P]`` as float on the device of ``logits`` ``[B, P, ...]`` (None = all 1)."""
+    if prompt_mask is None:
+        return torch.ones(logits.shape[:2], device=logits.device)
+    return prompt_mask.to(logits.device).float()
 
 
 def segmentation_loss(
@@ -42,18 +55,21 @@ def segmentation_loss(
     targets: torch.Tensor,
     prompt_mask: torch.Tensor | None = None,
     cfg: LossConfig | None = None,
+    pixel_weight: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Weighted BCE + soft Dice. ``logits``/``targets``: ``[B, P, H, W]``; ``prompt_mask``: ``[B, P]``
-    bool (None = all real). Returns the scalar loss and its detached parts ``{"bce", "dice"}``."""
+    bool (None = all real); ``pixel_weight``: ``[B, P, H, W]`` (None = all 1) multiplies the
+    per-pixel BCE (still divided by all pixels) and the Dice inputs. Returns the scalar loss and
+    its detached parts ``{"bce", "dice"}``."""
     cfg = cfg or LossConfig()
     if logits.shape != targets.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and targets {tuple(targets.shape)} differ")
-    b, p = logits.shape[:2]
-    if prompt_mask is None:
-        prompt_mask = torch.ones(b, p, dtype=torch.bool, device=logits.device)
-    m = prompt_mask.to(logits.device).float()
-    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none").flatten(2).mean(-1)
-    dsc = soft_dice_loss(logits, targets, cfg.smooth)
+    m = prompt_weights(prompt_mask, logits)
+    bce = F.binary_cross_entropy_with_logits(logits.float(), targets.float(), reduction="none")
+    if pixel_weight is not None:
+        bce = bce * pixel_weight
+    bce = bce.flatten(2).mean(-1)
+    dsc = soft_dice_loss(logits, targets, cfg.smooth, pixel_weight)
     per_prompt = cfg.bce_weight * bce + cfg.dice_weight * dsc
     n = m.sum(1).clamp_min(1.0)
     per_sample = (per_prompt * m).sum(1) / n

@@ -23,11 +23,10 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from .losses import LossConfig
+from .losses import LossConfig, prompt_weights, segmentation_loss
 
 SELECT = ("teacher", "student", "better")
 
@@ -152,28 +151,15 @@ def pseudo_label_loss(
     Dice uses confident pixels only; prompts with no confident pixel contribute nothing. Averaged
     over the real prompts of each sample, then over samples. Returns the loss and detached
     ``{"unsup", "confident"}`` (the fraction of confident pixels of real prompts)."""
-    cfg = cfg or LossConfig()
     if student_logits.shape != teacher_probs.shape:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_probs.shape)} differ")
-    b, p = student_logits.shape[:2]
-    if prompt_mask is None:
-        prompt_mask = torch.ones(b, p, dtype=torch.bool, device=student_logits.device)
     q = teacher_probs.detach().float()
     m = confident_mask(q, confidence).float()
     target = (q >= 0.5).float()
     logits = student_logits.float()
-    bce = (F.binary_cross_entropy_with_logits(logits, target, reduction="none") * m).flatten(2).mean(-1)
-    probs = torch.sigmoid(logits) * m
-    t = target * m
-    inter = (probs * t).flatten(2).sum(-1)
-    denom = probs.flatten(2).sum(-1) + t.flatten(2).sum(-1)
-    dice = 1.0 - (2.0 * inter + cfg.smooth) / (denom + cfg.smooth)
-    n_conf = m.flatten(2).sum(-1)
-    valid = prompt_mask.to(logits.device).float() * (n_conf > 0).float()
-    per_prompt = cfg.bce_weight * bce + cfg.dice_weight * dice
-    per_sample = (per_prompt * valid).sum(1) / valid.sum(1).clamp_min(1.0)
-    loss = per_sample.mean()
-    real = prompt_mask.to(logits.device).float()
+    real = prompt_weights(prompt_mask, logits)
+    valid = real * (m.flatten(2).sum(-1) > 0).float()
+    loss, _ = segmentation_loss(logits, target, valid, cfg, pixel_weight=m)
     frac = (m.flatten(2).mean(-1) * real).sum() / real.sum().clamp_min(1.0)
     return loss, {"unsup": loss.detach(), "confident": frac.detach()}
 
