@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+# Mesa's OpenGL driver (napari's canvas under Xvfb) and Triton each bring their own libLLVM; the
+# second one loaded into a process segfaults. Whether a GUI test or a torchvision import comes
+# first depends on which tests run, so the test process never imports Triton (emclip does not use
+# torch.compile kernels; the widget blocks it the same way at run time, tested in a subprocess).
+if sys.platform.startswith("linux"):
+    sys.modules.setdefault("triton", None)  # type: ignore[arg-type]
 
 import pytest  # noqa: E402
 
