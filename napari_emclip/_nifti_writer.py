@@ -5,7 +5,8 @@ affine; see :mod:`napari_emclip._volumes`), so the file lines up with the image 
 or segmented on. When the layer came from a NIfTI file (``metadata["nifti"]``), the labels are
 put back in that file's voxel order and affine. Written atomically by
 :func:`emclip.volume_io.write_volume` (uint8, or uint16 above 255 labels). An existing file is
-replaced (napari's save dialog asks first; ``viewer.layers.save`` does not).
+kept as ``<name>.previous.nii.gz`` first, as the TIFF writer does (napari's save dialog asks
+before overwriting; ``viewer.layers.save`` does not), so an edited mask is never lost.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._volumes import META_KEY, ras_affine_of, to_source_grid, world_matrix
+from ._writer import keep_previous, notify
 
 
 def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
@@ -43,6 +45,7 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
     meta = (attributes.get("metadata") or {}).get(META_KEY)
     if isinstance(meta, dict):
         labels, ras = to_source_grid(labels, ras, meta.get("affine"), meta.get("shape"))
+    backup = keep_previous(target) if target.is_file() else None
     write_volume(
         target,
         np.ascontiguousarray(labels),
@@ -50,4 +53,6 @@ def write_labels_nifti(path: str, data: Any, attributes: dict[str, Any]) -> list
         overwrite=True,
         description=f"napari-emclip: {attributes.get('name') or 'labels'}",
     )
+    if backup is not None:
+        notify(f"{target.name} existed: the previous version was kept as {backup.name}.")
     return [str(target)]

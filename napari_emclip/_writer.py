@@ -66,11 +66,14 @@ def label_masks(data: Any, attributes: dict[str, Any]) -> tuple[np.ndarray, list
 
 
 def backup_path(target: Path) -> Path:
-    """Where the previous version of ``target`` is kept: ``a/b.tif`` -> ``a/b.previous.tif``."""
+    """Where the previous version of ``target`` is kept: ``a/b.tif`` -> ``a/b.previous.tif``,
+    ``a/b.nii.gz`` -> ``a/b.previous.nii.gz``."""
+    if target.name.lower().endswith(".nii.gz"):
+        return target.with_name(f"{target.name[:-7]}{BACKUP_TAG}{target.name[-7:]}")
     return target.with_name(f"{target.stem}{BACKUP_TAG}{target.suffix}")
 
 
-def _keep_previous(target: Path) -> Path:
+def keep_previous(target: Path) -> Path:
     """Copy ``target`` to its backup name atomically (hard link if possible); ``target`` stays.
 
     The backup appears in one ``os.replace``, so a crash leaves either the older backup or the
@@ -90,7 +93,7 @@ def _keep_previous(target: Path) -> Path:
     return backup
 
 
-def _notify(text: str) -> None:
+def notify(text: str) -> None:
     log.info(text)
     try:
         from napari.utils.notifications import show_info
@@ -127,7 +130,7 @@ def write_labels(path: str, data: Any, attributes: dict[str, Any]) -> list[str]:
     with atomic_path(target) as tmp:
         write_mask_tiff(tmp, masks, names, metadata=meta)
         if target.is_file():
-            backup = _keep_previous(target)
+            backup = keep_previous(target)
     if backup is not None:
-        _notify(f"{target.name} existed: the previous version was kept as {backup.name}.")
+        notify(f"{target.name} existed: the previous version was kept as {backup.name}.")
     return [str(target)]

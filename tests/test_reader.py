@@ -216,3 +216,19 @@ def test_real_brain_case_opens_in_world_coordinates(shared_data):
     expected = (WORLD_FROM_RAS @ np.r_[apply_affine(src.affine, ijk), 1.0])[:3]
     display = np.round(image.world_to_data(expected)).astype(int)
     assert np.isclose(image.data[tuple(display)], src.dataobj[ijk], atol=1e-3)
+
+
+def test_saving_over_an_existing_nifti_keeps_the_previous_version(tmp_path):
+    """viewer.layers.save does not ask before overwriting: the old labels must survive."""
+    first = np.zeros((4, 5, 6), np.uint8)
+    first[1, 2, 3] = 1
+    second = np.zeros_like(first)
+    second[2, 2, 2] = 2
+    target = tmp_path / "mask.nii.gz"
+    write_labels_nifti(str(target), first, {"scale": [1, 1, 1]})
+    [out] = write_labels_nifti(str(target), second, {"scale": [1, 1, 1]})
+    backup = tmp_path / "mask.previous.nii.gz"
+    assert out == str(target) and backup.is_file()
+    assert np.asarray(nib.load(backup).dataobj).max() == 1
+    assert np.asarray(nib.load(target).dataobj).max() == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mask.nii.gz", "mask.previous.nii.gz"]

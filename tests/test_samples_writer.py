@@ -119,7 +119,7 @@ def test_writing_twice_keeps_the_previous_file_as_a_backup(tmp_path, monkeypatch
     from napari_emclip import _writer
 
     told = []
-    monkeypatch.setattr(_writer, "_notify", told.append)
+    monkeypatch.setattr(_writer, "notify", told.append)
     target = tmp_path / "cup.tif"
     first = np.zeros((6, 6), np.uint8)
     first[1:3, 1:3] = 1
