@@ -194,3 +194,118 @@ def test_real_folders_units_and_volumes(shared_data):
     for entry in ds.values():
         for m in entry["structures"].values():
             assert 0.0 <= m["dice"] <= 1.0 and (math.isnan(m["hd95"]) or m["hd95"] >= 0)
+
+
+# --------------------------------------------------------------------------- several MRI sequences
+
+
+@pytest.fixture()
+def brain(tmp_path) -> Path:
+    """Three NIfTI cases with FLAIR + T1ce on different intensity scales; axial = voxel axis 2."""
+    import nibabel as nib
+
+    root = tmp_path / "toy_brain"
+    root.mkdir()
+    (root / "dataset.yaml").write_text("modality: brain MRI\nchannels: [flair, t1ce]\nlabels: seg\n"
+                                       "structures:\n  whole tumour: [1]\n")
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        case = root / f"c{i}"
+        case.mkdir()
+        seg = np.zeros((40, 48, 5), np.uint8)
+        seg[10 + i:22 + i, 12:26, 1:4] = 1
+        flair = (rng.random(seg.shape) * 100 + 300.0 * seg).astype(np.float32)
+        t1ce = (rng.random(seg.shape) * 2000).astype(np.float32)
+        for name, arr in (("flair", flair), ("t1ce", t1ce), ("seg", seg)):
+            nib.save(nib.Nifti1Image(arr, np.eye(4)), str(case / f"c{i}_{name}.nii.gz"))
+    return root
+
+
+def _tiny(fusion: bool):
+    from emclip.config import load_config
+    from emclip.factory import create_model
+
+    torch.manual_seed(0)
+    m = create_model(load_config("tiny", {"fusion.enabled": True} if fusion else None)).eval()
+    if fusion:
+        m.fusion.seen[:] = True  # as if trained on every sequence: nothing is left out
+    return m
+
+
+@pytest.fixture()
+def calls(monkeypatch):
+    """Records (channels, volume shape, volume) of every segment_stack call evaluate makes."""
+    from emclip import inference
+
+    real, seen = inference.segment_stack, []
+
+    def spy(volume, prompts, model, **kw):
+        seen.append((kw.get("channels"), np.shape(volume), np.asarray(volume)))
+        return real(volume, prompts, model, **kw)
+
+    monkeypatch.setattr(inference, "segment_stack", spy)
+    return seen
+
+
+def test_fusion_model_gets_every_sequence_raw_and_channels_restricts(brain, calls):
+    import nibabel as nib
+
+    model = _tiny(True)
+    res = evaluate(model, [brain], split="all")
+    entry = res["datasets"]["toy_brain"]
+    assert entry["n_images"] == 3 and entry["channels"] == ["flair", "t1ce"]
+    assert 0.0 <= entry["structures"]["whole tumour"]["dice"] <= 1.0
+    assert [c for c, _, _ in calls] == [["flair", "t1ce"]] * 3
+    assert all(shape == (40, 48, 5, 2) for _, shape, _ in calls)
+    # the stored intensities (segment_stack normalises each sequence itself, as bench_brain.py)
+    raw = [np.asarray(nib.load(str(brain / "c0" / f"c0_{s}.nii.gz")).dataobj) for s in ("flair", "t1ce")]
+    np.testing.assert_array_equal(calls[0][2], np.stack(raw, -1))
+    assert "toy_brain (flair+t1ce)" in to_markdown(res)
+    calls.clear()
+    only = evaluate(model, [brain], split="all", channels=["FLAIR"])
+    assert only["datasets"]["toy_brain"]["channels"] == ["flair"]
+    assert [c for c, _, _ in calls] == [["flair"]] * 3 and calls[0][1] == (40, 48, 5, 1)
+    np.testing.assert_array_equal(calls[0][2][..., 0], raw[0])
+    from emclip.errors import DatasetError
+
+    with pytest.raises(DatasetError, match="no sequence 'dwi'"):
+        evaluate(model, [brain], split="all", channels=["dwi"])
+    from emclip.inference.channels import UnseenSequenceWarning
+
+    model.fusion.seen[2] = False  # t1ce never seen in training: the model leaves it out, and says so
+    with pytest.warns(UnseenSequenceWarning):
+        part = evaluate(model, [brain], split="all", limit=1)
+    assert part["datasets"]["toy_brain"]["ignored_channels"] == ["t1ce"]
+
+
+def test_cli_channels_option_restricts_the_sequences(brain, calls, tmp_path):
+    from emclip.checkpoint import save_checkpoint
+    from emclip.cli.main import main
+
+    ckpt = save_checkpoint(_tiny(True), tmp_path / "fusion_ckpt")
+    out = tmp_path / "r.json"
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(brain), "--split", "all", "--limit", "1",
+                 "--channels", "flair", "--json", str(out), "--device", "cpu", "--quiet"]) == 0
+    assert [c for c, _, _ in calls] == [["flair"]]
+    assert json.loads(out.read_text())["datasets"]["toy_brain"]["channels"] == ["flair"]
+    calls.clear()
+    assert main(["evaluate", "--model", str(ckpt), "--data", str(brain), "--split", "all", "--limit", "1",
+                 "--device", "cpu", "--quiet"]) == 0
+    assert [c for c, _, _ in calls] == [["flair", "t1ce"]]
+
+
+def test_model_without_fusion_keeps_the_first_sequence_path(brain, calls):
+    import nibabel as nib
+    from emclip.errors import InvalidArgumentError
+
+    model = _tiny(False)
+    res = evaluate(model, [brain], split="all")
+    assert set(res["datasets"]["toy_brain"]) == {"n_images", "structures"}
+    assert [c for c, _, _ in calls] == [None] * 3 and calls[0][1] == (40, 48, 5)
+    flair = np.asarray(nib.load(str(brain / "c0" / "c0_flair.nii.gz")).dataobj)
+    np.testing.assert_array_equal(calls[0][2], flair)
+    with pytest.raises(InvalidArgumentError, match="no modality fusion"):
+        evaluate(model, [brain], split="all", channels=["flair", "t1ce"])
+    calls.clear()
+    t1ce = evaluate(model, [brain], split="all", channels=["t1ce"])  # one other sequence, grey
+    assert t1ce["datasets"]["toy_brain"]["channels"] == ["t1ce"] and [c for c, _, _ in calls] == [["t1ce"]] * 3

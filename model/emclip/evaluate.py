@@ -13,6 +13,14 @@ images. Distances are in mm when every image of a dataset has a known spacing (m
 ``pixel_mm``, NIfTI header), else in pixels (``distance_unit``). A mean over no defined value is
 NaN in the returned dict and ``null`` in the JSON written by :func:`to_json`.
 
+NIfTI datasets with several sequences (dataset.yaml ``channels``) and a model with modality fusion
+(``model.config.fusion.enabled``): each case's sequences are read (raw) and passed together as
+``segment_stack(..., channels=names)``, which normalises each on its own, as
+``benchmarks/bench_brain.py`` does; ``channels=`` restricts them (e.g. ``["flair"]``), default
+every dataset sequence the model knows. The dataset's entry then also lists ``"channels"`` (and
+``"ignored_channels"``: those a fusion model left out as never seen in training).
+A model without fusion reads the first sequence as today (``channels=`` may name one other).
+
 Result shape::
 
     {"model": "...",
@@ -36,6 +44,7 @@ from .callbacks import CancelCallback, ProgressCallback, check_cancel, report
 from .errors import DatasetError, EMClipError, InvalidArgumentError, InvalidImageError
 from .metrics import compute_metrics, summarise
 from .prompts import clean_prompt
+from .sequences import sequence_alias
 
 PROMPT_SETS = ("names", "synonyms")
 
@@ -59,6 +68,83 @@ def _accepts(model) -> Any:
     return ok if ok is not None else (lambda _p: True)
 
 
+def _same_sequence(a: str, b: str) -> bool:
+    """Whether two sequence names mean the same sequence ("T1c" and "t1ce")."""
+    return a.strip().casefold() == b.strip().casefold() or (
+        sequence_alias(a) is not None and sequence_alias(a) == sequence_alias(b))
+
+
+def _check_channels(channels: Any) -> list[str] | None:
+    if channels is None:
+        return None
+    if isinstance(channels, str):  # "flair,t1ce" as on the command line
+        channels = [c for c in channels.split(",") if c.strip()]
+    if not isinstance(channels, Sequence) or not channels or not all(isinstance(c, str) and c.strip() for c in channels):
+        raise InvalidArgumentError(
+            f"channels must name dataset sequences, e.g. ['flair', 't1ce'] (CLI: --channels flair,t1ce), got {channels!r}")
+    return [c.strip() for c in channels]
+
+
+def _dataset_channels(spec, wanted: list[str] | None) -> list[str] | None:
+    """``wanted`` spelled as in dataset.yaml ``channels`` (None: all); DatasetError for one it lacks."""
+    if wanted is None:
+        return None
+    out = []
+    for name in wanted:
+        hit = [c for c in spec.channels if _same_sequence(name, c)]
+        if not hit:
+            raise DatasetError(f"{spec.root / 'dataset.yaml'}: no sequence {name!r} among its channels "
+                               f"{list(spec.channels)}; pick from those (CLI: --channels {','.join(spec.channels)})")
+        if hit[0] not in out:
+            out.append(hit[0])
+    return out
+
+
+def _sequences_to_feed(net, spec, wanted: list[str] | None) -> list[str] | None:
+    """The dataset sequences passed to ``segment_stack(channels=...)`` for one volume dataset, or
+    None for today's single-sequence path (model without fusion, no ``channels`` asked)."""
+    from .inference.channels import fusion_sequences, no_fusion_error
+    from .sequences import canonical_sequence
+
+    fusion = getattr(getattr(net, "config", None), "fusion", None)
+    layout = fusion_sequences(net) if getattr(fusion, "enabled", False) else None
+    if layout is None:
+        if wanted is not None and len(wanted) > 1:
+            raise no_fusion_error(net, wanted)
+        return wanted
+
+    def known(name: str) -> bool:
+        try:
+            canonical_sequence(name, layout)
+        except EMClipError:
+            return False
+        return True
+
+    names = list(spec.channels) if wanted is None else wanted
+    unknown = [n for n in names if not known(n)]
+    if wanted is not None and unknown:
+        raise InvalidArgumentError(f"the model's fusion knows the sequences {layout}, not {unknown}; "
+                                   "leave those out of channels")
+    names = [n for n in names if known(n)]
+    if not names:
+        raise DatasetError(f"{spec.root / 'dataset.yaml'}: none of its sequences {list(spec.channels)} is one the "
+                           f"model's fusion knows ({layout})")
+    return names
+
+
+def _left_out(net, names: list[str]) -> list[str]:
+    """Which of ``names`` a fusion model leaves out (never seen in training, ``fusion.unseen="ignore"``)."""
+    from .inference.channels import fusion_sequences, ignored_sequences
+    from .sequences import canonical_sequences
+
+    layout = fusion_sequences(net)
+    if layout is None:
+        return []
+    canon = canonical_sequences(names, layout)
+    dropped = set(ignored_sequences(net, canon))
+    return [n for n, c in zip(names, canon) if c in dropped]
+
+
 def _dataset_key(paths: Sequence[Path]) -> list[str]:
     names = [p.name for p in paths]
     return [n if names.count(n) == 1 else f"{p.parent.name}/{p.name}" for n, p in zip(names, paths)]
@@ -77,6 +163,7 @@ def evaluate(
     test_fraction: float = 0.2,
     limit: int | None = None,
     axis: str = "axial",
+    channels: Sequence[str] | str | None = None,
     model_name: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
@@ -87,7 +174,10 @@ def evaluate(
     (:func:`emclip.data.splits.split_dataset` with ``split_seed``, ``val_fraction``,
     ``test_fraction``, defaults 0 / 0.1 / 0.2 as in TrainConfig). ``limit``: at most this many
     images (cases for volumes) per dataset. ``progress(done, total)`` counts images;
-    ``cancel()`` is polled between images. Returns the dict described in the module docstring.
+    ``cancel()`` is polled between images. ``channels`` (NIfTI datasets only; default None: for a
+    fusion model every dataset sequence it knows, else the first sequence as before): the
+    sequences to feed, e.g. ``["flair"]``; several need a model with fusion. Returns the dict
+    described in the module docstring.
     """
     from .data.folder import open_dataset
     from .data.splits import split_dataset
@@ -99,6 +189,7 @@ def evaluate(
         raise InvalidArgumentError(
             f"limit must be a whole number >= 1 (at most that many images per dataset) or None for all, got {limit!r}"
         )
+    wanted = _check_channels(channels)
     paths = [Path(d).expanduser() for d in datasets]
     keys = _dataset_key(paths)
     plans = []
@@ -118,7 +209,7 @@ def evaluate(
             )
         if limit is not None:
             units = units[:limit]
-        plans.append((ds, units))
+        plans.append((ds, units, _dataset_channels(ds.spec, wanted) if ds.spec.kind == "volume" else None))
     # the datasets and their splits are checked before the model loads
     name = model_name or (str(model) if isinstance(model, (str, Path)) else getattr(getattr(model, "config", None), "name", "model"))
     net = load_model(model, device if device is not None else "auto") if not hasattr(model, "predict_logits") else model
@@ -128,11 +219,12 @@ def evaluate(
         net = net.to(resolve_device(device))
     net.eval()
     accepts = _accepts(net)
-    total = sum(len(u) for _, u in plans)
+    feeds = [_sequences_to_feed(net, ds.spec, w) if ds.spec.kind == "volume" else None for ds, _, w in plans]
+    total = sum(len(u) for _, u, _ in plans)
     done = 0
     report(progress, 0, total)
     results: dict[str, Any] = {}
-    for key, (ds, units) in zip(keys, plans):
+    for key, (ds, units, _), feed in zip(keys, plans, feeds):
         spec = ds.spec
         asked = _prompts_for(spec, prompt_set, accepts)
         flat = list(dict.fromkeys(p for ps in asked.values() for p in ps))
@@ -143,7 +235,7 @@ def evaluate(
             check_cancel(cancel)
             try:
                 if spec.kind == "volume":
-                    probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold)
+                    probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold, feed)
                 else:
                     probs_masks, targets, spacing = _run_image(net, ds, unit, flat, threshold)
             except InvalidImageError as exc:  # about this image: say which one
@@ -174,6 +266,11 @@ def evaluate(
                                         for p in asked[structure]}
             structures[structure] = summary
         results[key] = {"n_images": len(units), "structures": structures}
+        if feed is not None:
+            results[key]["channels"] = feed
+            left_out = _left_out(net, feed)
+            if left_out:
+                results[key]["ignored_channels"] = left_out
     return {"model": name, "datasets": results}
 
 
@@ -205,12 +302,31 @@ def _run_image(net, ds, i: int, prompts: list[str], threshold: float):
     return _by_prompt(res, prompts), sample.structure_masks(), sample.spacing
 
 
-def _run_volume(net, ds, case: str, prompts: list[str], threshold: float):
+def _run_volume(net, ds, case: str, prompts: list[str], threshold: float, channels: list[str] | None = None):
     from .inference import segment_stack
 
     image, labels, ax, zooms = ds.case_volume(case)
-    res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, threshold=threshold)
+    if channels is None:
+        res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, threshold=threshold)
+    else:
+        res = segment_stack(_raw_sequences(ds, case, channels, labels.shape), prompts, net, axis=ax,
+                            channel_axis=-1, channels=channels, modality=ds.spec.modality, threshold=threshold)
     return _by_prompt(res, prompts), ds.spec.structure_masks(labels), tuple(zooms)
+
+
+def _raw_sequences(ds, case: str, channels: list[str], shape: tuple[int, ...]) -> np.ndarray:
+    """``float32 (X, Y, Z, len(channels))``: the case's sequence files as stored (segment_stack
+    normalises each sequence itself)."""
+    from .data.volumes import _find_file, _load
+
+    vols = []
+    for name in channels:
+        path = _find_file(ds.spec.root / case, f"{case}_{name}")
+        vol = _load(path, np.float32)[0]
+        if vol.shape != tuple(shape):
+            raise DatasetError(f"{path}: volume {vol.shape} does not match the label volume {tuple(shape)}")
+        vols.append(vol)
+    return np.stack(vols, axis=-1)
 
 
 def _by_prompt(res, prompts: list[str]) -> np.ndarray:
@@ -248,9 +364,10 @@ def to_markdown(results: dict[str, Any]) -> str:
              "| dataset | structure | n | Dice | HD95 | ASD | undefined HD | unit |",
              "|---|---|---:|---|---|---|---:|---|"]
     for ds, entry in results["datasets"].items():
+        label = f"{ds} ({'+'.join(entry['channels'])})" if entry.get("channels") else ds
         for structure, m in entry["structures"].items():
             lines.append(
-                f"| {ds} | {structure} | {m.get('n_images', entry['n_images'])} | "
+                f"| {label} | {structure} | {m.get('n_images', entry['n_images'])} | "
                 f"{_fmt(m['dice'])} ± {_fmt(m['dice_std'])} | {_fmt(m['hd95'])} ± {_fmt(m['hd95_std'])} | "
                 f"{_fmt(m['asd'])} ± {_fmt(m['asd_std'])} | {m.get('n_undefined', 0)} | {m.get('distance_unit', 'px')} |"
             )

@@ -33,6 +33,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     parser.add_argument("--threshold", type=float, default=0.5, help="probability threshold (default 0.5)")
     parser.add_argument("--limit", type=positive_int, default=None, help="at most N images (cases) per dataset (N >= 1)")
     parser.add_argument("--axis", default="axial", help="slicing axis for NIfTI datasets (default axial)")
+    parser.add_argument("--channels", default=None, metavar="SEQ[,SEQ...]",
+                        help="NIfTI datasets: sequences to feed, e.g. flair,t1ce or flair (default: a fusion model "
+                             "gets every dataset sequence it knows, other models the first one)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of random splits (default 0, as in training)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
@@ -51,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
         with sigint_cancels("stopping after the current step") as cancel:
             results = evaluate(args.model, args.data, split=args.split, prompt_set=args.prompt_set,
                                device=args.device, threshold=args.threshold, limit=args.limit, axis=args.axis,
-                               split_seed=args.split_seed, model_name=str(args.model), progress=progress,
+                               channels=args.channels, split_seed=args.split_seed, model_name=str(args.model), progress=progress,
                                cancel=cancel)
     finally:
         bar.close()
