@@ -2,8 +2,8 @@
 
 One command (about 10 min on one thread; run it through the team's CPU slots)::
 
-    /work/coord/heavy python benchmarks/bench_brain.py            # --out /work/runs/brain
-    /work/coord/heavy python benchmarks/bench_brain.py --reuse    # evaluate an existing run only
+    OMP_NUM_THREADS=1 python benchmarks/bench_brain.py            # --out /work/runs/brain
+    OMP_NUM_THREADS=1 python benchmarks/bench_brain.py --reuse    # evaluate an existing run only
 
 1. Trains ``brain_fusion`` (cpu-default seeds + fusion over FLAIR/T1/T1ce/T2) on 4 patients of
    brats2015_deepmedic (FLAIR + T1ce), patient-level split; the other 2 patients are held out.

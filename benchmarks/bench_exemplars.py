@@ -17,7 +17,7 @@ Dice per image and structure (:func:`emclip.metrics.dice`, empty-mask convention
 1) is averaged over the evaluated images of a choice; the table gives mean ± sd over the choices.
 Training-free: the model's weights are not changed. One JSON per run in ``--out``.
 
-    /work/coord/heavy python benchmarks/bench_exemplars.py                # full, both datasets
+    OMP_NUM_THREADS=1 python benchmarks/bench_exemplars.py                # full, both datasets
     python benchmarks/bench_exemplars.py --limit 8 --choices 1            # smoke test
 """
 

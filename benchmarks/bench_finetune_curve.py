@@ -10,9 +10,9 @@ finetune.finetune`; every image trains, final weights) after storing its images 
 :func:`emclip.data.user_dataset.add_to_training_set`, then evaluates with
 :func:`emclip.evaluate.evaluate` (Dice per image, mean over images).
 
-    /work/coord/heavy python benchmarks/bench_finetune_curve.py            # full curve
+    OMP_NUM_THREADS=1 python benchmarks/bench_finetune_curve.py            # full curve
     python benchmarks/bench_finetune_curve.py --quick                       # smoke test
-    /work/coord/heavy python benchmarks/bench_finetune_curve.py \
+    OMP_NUM_THREADS=1 python benchmarks/bench_finetune_curve.py \
         --data ../shared/data/fundus/rimone_dl_r1 --out /work/runs/finetune/rimone_r1  # a fundus domain
 
 Writes ``<out>/curve.json`` (default out: /work/runs/finetune) with every number, the chosen
