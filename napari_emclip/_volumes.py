@@ -135,9 +135,29 @@ def stack_image_layers(
     channel axis last), one name per layer (``names`` or :func:`sequence_name`) and the 4x4
     voxel -> RAS+ affine of the shared grid, ready for
     ``emclip.segment_volume(data, prompts, channel_axis=-1, channels=names, affine=affine)``.
-    Raises ``ValueError`` when a layer is not a single-channel 3D image, or when shapes or
-    world transforms differ (say which layer and how to fix it).
+    Raises ``ValueError`` as :func:`check_image_layers`.
     """
+    arrays, chosen, affine = check_image_layers(layers, names, atol=atol)
+    return stack_channels(arrays), chosen, affine
+
+
+def stack_channels(arrays: Sequence[Any]) -> np.ndarray:
+    """Same-shape 3D arrays -> one float32 ``(Z, Y, X, C)`` copy (call it off the Qt thread)."""
+    return np.stack([np.asarray(a, dtype=np.float32) for a in arrays], axis=-1)
+
+
+def check_image_layers(
+    layers: Sequence[Any], names: Sequence[str] | None = None, *, atol: float = 1e-3
+) -> tuple[list[Any], list[str], np.ndarray]:
+    """Check that Image layers can be stacked as sequences, without copying their data.
+
+    Returns ``(arrays, names, affine)``: each layer's full-resolution array (not copied), one
+    name per layer and the shared voxel -> RAS+ affine. Raises ``ValueError`` when a layer is
+    not a single-channel 3D image, or when shapes or world transforms differ (say which layer
+    and how to fix it).
+    """
+    from ._layers import layer_image_data
+
     layers = list(layers)
     if not layers:
         raise ValueError("pick at least one Image layer as a sequence")
@@ -149,7 +169,7 @@ def stack_image_layers(
             raise ValueError(f"layer {layer.name!r} is a {type(layer).__name__} layer; pick Image layers")
         if getattr(layer, "rgb", False):
             raise ValueError(f"layer {layer.name!r} is an RGB image; sequences must be single-channel volumes")
-        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
+        data = layer_image_data(layer)
         if np.ndim(data) != 3:
             raise ValueError(
                 f"layer {layer.name!r} has {np.ndim(data)}D data {tuple(np.shape(data))}; sequences must be 3D volumes"
@@ -171,5 +191,4 @@ def stack_image_layers(
     chosen = [str(n) for n in names] if names is not None else [sequence_name(layer) for layer in layers]
     if len(set(chosen)) != len(chosen):
         raise ValueError(f"two layers have the same sequence name {chosen}; name them, e.g. 'case_flair', 'case_t1ce'")
-    stacked = np.stack([np.asarray(a, dtype=np.float32) for a in arrays], axis=-1)
-    return stacked, chosen, ras_affine_of(worlds[0])
+    return arrays, chosen, ras_affine_of(worlds[0])

@@ -12,7 +12,7 @@ library call; ``emclip`` does the work. :class:`Sections` builds the Qt controls
   the modality and segments every structure it knows); a message then names the modality, its
   confidence and the known structures not found.
 - *Sequences*: further Image layers ticked as extra channels of the picked image are stacked
-  with :func:`~napari_emclip._volumes.stack_image_layers` and segmented by
+  with :func:`~napari_emclip._volumes.check_image_layers` (stacked in the worker) and segmented by
   ``emclip.segment_volume(..., channel_axis=-1, channels=names, affine=affine, axis=...)``;
   a single 3D layer opened by the NIfTI reader (``metadata['nifti']``) goes through
   ``segment_volume`` too. ``axis`` is the anatomical axis picker (default "axial").
@@ -44,7 +44,7 @@ from qtpy.QtWidgets import (
 )
 
 from ._layers import layer_image_data
-from ._volumes import META_KEY, layer_world_matrix, ras_affine_of, stack_image_layers
+from ._volumes import META_KEY, check_image_layers, layer_world_matrix, ras_affine_of
 
 if TYPE_CHECKING:
     from ._worker import RunRequest
@@ -336,8 +336,9 @@ class Sections:
                 raise InvalidArgumentError(
                     "Automatic mode takes one image: untick the extra channels, or type prompts and press Run."
                 )
-            data, names, affine = stack_image_layers([layer, *extra])
-            request.image = data
+            # checked here; stacked into one (Z, Y, X, C) array in the worker, not on the Qt thread
+            arrays, names, affine = check_image_layers([layer, *extra])
+            request.image = arrays
             kwargs.update(
                 channel_axis=-1, channels=names, affine=affine, axis=self.axis_combo.currentText()
             )

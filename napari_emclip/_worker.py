@@ -33,7 +33,8 @@ CancelFn = Callable[[], bool]
 class RunRequest:
     """Everything a run needs, captured on the Qt thread when Run is pressed.
 
-    ``image`` is the source layer's array (not a copy); ``channel_axis`` is an axis of it or
+    ``image`` is the source layer's array (not a copy), or a list of sequence layers' arrays
+    (stacked in the worker, :func:`source_array`); ``channel_axis`` is an axis of it or
     None; ``stack_axis`` (an axis of ``image``) is the slice axis used when the image without
     channels is 3D. ``model_source`` is None (bundled default), a config name or a checkpoint
     folder. ``tile_size`` None lets emclip decide (it tiles very large images). ``models``: the
@@ -183,6 +184,17 @@ def block_triton_if_llvm_loaded() -> bool:
     return loaded
 
 
+def source_array(image: Any) -> np.ndarray:
+    """The run's input array: a layer's data, or a list of same-grid sequence layers' data
+    stacked channel-last (a copy made here, in the worker; the list keeps the layers' own
+    arrays, so an edit to any of them during the run is noticed)."""
+    if isinstance(image, list):
+        from ._volumes import stack_channels
+
+        return stack_channels(image)
+    return np.asarray(image)
+
+
 def spatial_ndim(shape: tuple[int, ...], channel_axis: int | None) -> int:
     """Number of image axes once a channel axis (if any) is set aside."""
     return len(shape) - (0 if channel_axis is None else 1)
@@ -207,7 +219,7 @@ def execute(
     say = stage or (lambda text: None)
     start = time.perf_counter()
     say("reading the image")
-    image = np.asarray(request.image)
+    image = source_array(request.image)
     before = fingerprint(image)
     check_cancel(cancel)
 
@@ -262,7 +274,7 @@ def execute(
         clusters=clusters,
         probabilities=request.probabilities,
     )
-    after = fingerprint(np.asarray(request.image))
+    after = fingerprint(source_array(request.image))
     return RunOutcome(
         specs=specs,
         not_found=not_found,

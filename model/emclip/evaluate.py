@@ -309,24 +309,9 @@ def _run_volume(net, ds, case: str, prompts: list[str], threshold: float, channe
     if channels is None:
         res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, threshold=threshold)
     else:
-        res = segment_stack(_raw_sequences(ds, case, channels, labels.shape), prompts, net, axis=ax,
+        res = segment_stack(ds.case_sequences(case, channels), prompts, net, axis=ax,
                             channel_axis=-1, channels=channels, modality=ds.spec.modality, threshold=threshold)
     return _by_prompt(res, prompts), ds.spec.structure_masks(labels), tuple(zooms)
-
-
-def _raw_sequences(ds, case: str, channels: list[str], shape: tuple[int, ...]) -> np.ndarray:
-    """``float32 (X, Y, Z, len(channels))``: the case's sequence files as stored (segment_stack
-    normalises each sequence itself)."""
-    from .data.volumes import _find_file, _load
-
-    vols = []
-    for name in channels:
-        path = _find_file(ds.spec.root / case, f"{case}_{name}")
-        vol = _load(path, np.float32)[0]
-        if vol.shape != tuple(shape):
-            raise DatasetError(f"{path}: volume {vol.shape} does not match the label volume {tuple(shape)}")
-        vols.append(vol)
-    return np.stack(vols, axis=-1)
 
 
 def _by_prompt(res, prompts: list[str]) -> np.ndarray:

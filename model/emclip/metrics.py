@@ -99,25 +99,34 @@ def surface_distances(
     return dt_to_t[sp_].astype(np.float64), dt_to_p[st].astype(np.float64)
 
 
-def hd95(pred: np.ndarray, target: np.ndarray, spacing: float | Sequence[float] | None = None) -> float:
-    """95th-percentile Hausdorff distance (see module docstring); 0 if both empty, NaN if one is."""
+def _distances_unless_empty(
+    pred: np.ndarray, target: np.ndarray, spacing: float | Sequence[float] | None
+) -> float | tuple[np.ndarray, np.ndarray]:
+    """Both ways' surface distances, or the distance itself when a mask is empty: 0 if both
+    are, NaN if one is."""
     p, t = _check(pred, target)
     if not p.any() and not t.any():
         return 0.0
     if not p.any() or not t.any():
         return math.nan
-    a, b = surface_distances(p, t, spacing)
+    return surface_distances(p, t, spacing)
+
+
+def hd95(pred: np.ndarray, target: np.ndarray, spacing: float | Sequence[float] | None = None) -> float:
+    """95th-percentile Hausdorff distance (see module docstring); 0 if both empty, NaN if one is."""
+    d = _distances_unless_empty(pred, target, spacing)
+    if isinstance(d, float):
+        return d
+    a, b = d
     return float(max(np.percentile(a, 95), np.percentile(b, 95)))
 
 
 def asd(pred: np.ndarray, target: np.ndarray, spacing: float | Sequence[float] | None = None) -> float:
     """Average symmetric surface distance (see module docstring); 0 if both empty, NaN if one is."""
-    p, t = _check(pred, target)
-    if not p.any() and not t.any():
-        return 0.0
-    if not p.any() or not t.any():
-        return math.nan
-    a, b = surface_distances(p, t, spacing)
+    d = _distances_unless_empty(pred, target, spacing)
+    if isinstance(d, float):
+        return d
+    a, b = d
     return float((a.sum() + b.sum()) / (a.size + b.size))
 
 

@@ -189,6 +189,19 @@ class VolumeDataset:
         image, labels, affine, zooms = self._case(case)
         return image, labels, voxel_axis(self.axis, affine), zooms
 
+    def case_sequences(self, case: str, names: Sequence[str]) -> np.ndarray:
+        """``float32 (I, J, K, len(names))``: the case's sequence files as stored (not normalised:
+        ``segment_stack(..., channels=names)`` normalises each sequence itself)."""
+        shape = self._case(case)[1].shape
+        vols = []
+        for name in names:
+            path = _find_file(self.spec.root / case, f"{case}_{name}")
+            vol = _load(path, np.float32)[0]
+            if vol.shape != tuple(shape):
+                raise DatasetError(f"{path}: volume {vol.shape} does not match the label volume {tuple(shape)}")
+            vols.append(vol)
+        return np.stack(vols, axis=-1)
+
     def official_split_of(self, i: int) -> str | None:
         return self.meta.get(self.index[i][0], {}).get("official_split") or None
 
