@@ -347,6 +347,21 @@ def test_prompted_samples_negatives_letterbox_and_determinism(tmp_path):
     assert v["prompts"] == v["texts"] == ["optic disc", "optic cup"]
 
 
+def test_intensity_remapping_wired_into_training_samples_only(tmp_path):
+    fundus = FolderDataset(make_dataset(tmp_path / "f", hw=(40, 60)))
+    sources = [Source(fundus, [0, 1, 2], name="f")]
+
+    def image(remap_p: float, train: bool = True) -> np.ndarray:
+        ds = PromptedDataset(sources, 64, (0.5,) * 3, (0.25,) * 3, seed=3, train=train,
+                             augment_cfg=AugmentConfig(strength="none", style_mix_p=0.0, remap_p=remap_p))
+        return ds[1]["image"].numpy()
+
+    plain, remapped = image(0.0), image(1.0)
+    assert not np.allclose(plain, remapped, atol=1e-3)
+    assert np.array_equal(remapped, image(1.0))  # seeded per (seed, epoch, index)
+    assert np.array_equal(image(1.0, train=False), image(0.0, train=False))  # never at validation
+
+
 def test_synonyms_drawn_and_epochs_differ(tmp_path):
     fundus = FolderDataset(make_dataset(tmp_path / "f"))
     ds = PromptedDataset([Source(fundus, [0, 1, 2], repeat=4)], 64, (0.5,) * 3, (0.25,) * 3, seed=0,

@@ -30,12 +30,14 @@ class AugmentConfig:
     amplitude mixing with another image of the same dataset (0 disables, default 0.3);
     ``style_mix_beta``: upper bound of the swapped low-frequency window (fraction of the
     spectrum, default 0.05); ``flips``: allow horizontal/vertical flips (default True; turn off
-    when left/right matters)."""
+    when left/right matters); ``remap_p``: probability of a random intensity remapping
+    (:func:`emclip.data.intensity_remap.random_intensity_remap`, GIN/IPA-style; default 0, off)."""
 
     strength: str = "default"
     style_mix_p: float = 0.3
     style_mix_beta: float = 0.05
     flips: bool = True
+    remap_p: float = 0.0
 
     def __post_init__(self) -> None:
         if self.strength not in STRENGTHS:
@@ -44,6 +46,8 @@ class AugmentConfig:
             raise ConfigError(f"augment.style_mix_p must be in [0, 1], got {self.style_mix_p}")
         if not 0 <= self.style_mix_beta <= 0.5:
             raise ConfigError(f"augment.style_mix_beta must be in [0, 0.5], got {self.style_mix_beta}")
+        if not 0 <= self.remap_p <= 1:
+            raise ConfigError(f"augment.remap_p must be in [0, 1], got {self.remap_p}")
 
 
 def _identity(image: np.ndarray) -> np.ndarray:

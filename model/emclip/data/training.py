@@ -27,6 +27,7 @@ import numpy as np
 from ..errors import ConfigError
 from ..prompts import canonical_modality, random_template
 from .augment import AugmentConfig, augment, build_augmentation
+from .intensity_remap import random_intensity_remap
 
 
 @dataclass
@@ -253,6 +254,10 @@ class PromptedDataset:
                     other = src.indices[(src.indices.index(j) + 1) % len(src.indices)]
                 reference = self._load(src, other)[0]
             image, labels = augment(self.pipeline, image, labels, seed=aug_seed, reference=reference)
+        if self.train and not multi and self.augment_cfg.remap_p > 0:
+            remap_rng = np.random.default_rng([aug_seed, 1])
+            if remap_rng.uniform() < self.augment_cfg.remap_p:
+                image = random_intensity_remap(image, remap_rng)
         image, _ = letterbox(image, self.image_size)
         labels, _ = letterbox(labels, self.image_size, is_mask=True)
         spec = sample.spec
