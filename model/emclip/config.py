@@ -203,7 +203,9 @@ class ModelConfig:
     """A whole network. ``arch`` is "emclip" or "unet"; ``image_size`` is the square input side;
     ``pixel_mean``/``pixel_std`` normalise [0, 1] RGB. ``class_names``/``synonyms`` are for the
     closed-vocabulary U-Net only. ``fusion``: multi-sequence MRI input (FusionConfig). ``known_structures`` maps a modality key (emclip.modality) to
-    the structures the model was trained on (set by the trainer; used by prompt-free segment)."""
+    the structures the model was trained on (set by the trainer; used by prompt-free segment).
+    ``single_object``: structures that are one connected object in a 2D image; their masks keep
+    only the main connected component (:mod:`emclip.postprocess`; default empty = off)."""
 
     arch: str = "emclip"
     name: str = "custom"
@@ -219,6 +221,7 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     synonyms: dict[str, list[str]] = field(default_factory=dict)
     known_structures: dict[str, list[str]] = field(default_factory=dict)
+    single_object: list[str] = field(default_factory=list)
     fusion: FusionConfig = field(default_factory=FusionConfig)
 
     def to_dict(self) -> dict[str, Any]:

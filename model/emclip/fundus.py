@@ -628,6 +628,7 @@ def segment_fundus(
     from .inference import SegmentationResult
     from .inference.options import check_batch_size, check_min_area, check_modality, check_threshold
     from .inference.single_image import summarise
+    from .postprocess import single_object_flags
     from .preprocess import check_image
 
     prompt_list = parse_prompts(prompts)
@@ -734,7 +735,7 @@ def segment_fundus(
     for i, prompt in enumerate(prompt_list):
         if not is_disc_region_prompt(prompt):
             pasted[i] = _resize_maps(whole_probs[i : i + 1], hw)[0]
-    summary = summarise(pasted, t, area)
+    summary = summarise(pasted, t, area, single_object_flags(net, prompt_list))
     stages.finish()
     record.update(used=True, reason="whole photograph", crop=box.to_dict())
     return SegmentationResult(

@@ -11,6 +11,7 @@ import torch
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError
 from ..exemplars import Exemplar, TemplateBank, check_exemplars
+from ..postprocess import keep_single_object, single_object_flags
 from ..preprocess import MIN_SIDE, check_image, check_values, letterbox, to_float_rgb
 from ..preprocess import intensity_range as image_intensity_range
 from ..tiling import TileGrid, batched, tile_grid
@@ -140,10 +141,17 @@ def run_2d(
         steps.extend(plan_steps(plan, hw))
 
 
-def summarise(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, np.ndarray]:
-    """Threshold ``probs [P, ...]`` into masks; prompts below ``min_area`` get empty masks."""
+def summarise(
+    probs: np.ndarray, threshold: float, min_area: int, single_object: Sequence[bool] | None = None
+) -> dict[str, np.ndarray]:
+    """Threshold ``probs [P, ...]`` into masks; prompts flagged in ``single_object`` keep only
+    their main connected component (:mod:`emclip.postprocess`); prompts below ``min_area``
+    get empty masks."""
     masks = probs > threshold
     n = probs.shape[0]
+    for i, single in enumerate(single_object or ()):
+        if single:
+            masks[i] = keep_single_object(masks[i], probs[i])
     found = np.zeros(n, dtype=bool)
     scores = np.zeros(n, dtype=np.float32)
     areas = np.zeros(n, dtype=np.int64)
@@ -276,7 +284,7 @@ def segment(
         check_cancel(cancel)
         probs, clusters, sims, used = run_2d(arr, window, runner, plan, steps, cancel)
         ran_on = str(runner.device)
-    summary = summarise(probs, t, area)
+    summary = summarise(probs, t, area, single_object_flags(net, names))
     steps.finish()
     info = {"tile_size": used.tile, "intensity_range": window, "modality": modality}
     if exemplar_list:

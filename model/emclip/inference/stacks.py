@@ -10,6 +10,7 @@ import torch
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError, InvalidImageError
 from ..exemplars import Exemplar, TemplateBank, check_exemplars
+from ..postprocess import single_object_flags
 from ..preprocess import check_image, check_values, letterbox, robust_range, to_float_rgb
 from .exemplar_prompts import (
     check_exemplar_mode,
@@ -228,7 +229,7 @@ def segment_stack(
             failure = None
         ran_on = str(runner.device)
     check_cancel(cancel)
-    summary = _summarise_stack(probs, t, area)
+    summary = _summarise_stack(probs, t, area, single_object_flags(net, prompt_list))
     mean_similarity = (
         np.mean(np.stack(sims), axis=0).astype(np.float32)
         if sims and sims[0].size
@@ -279,13 +280,16 @@ def _slice_batch(
     ]
 
 
-def _summarise_stack(probs: np.ndarray, threshold: float, min_area: int) -> dict[str, np.ndarray]:
-    """Per-slice thresholding of ``probs [P, Z, H, W]`` (``min_area`` per slice) + totals."""
+def _summarise_stack(
+    probs: np.ndarray, threshold: float, min_area: int, single_object: Sequence[bool] | None = None
+) -> dict[str, np.ndarray]:
+    """Per-slice thresholding of ``probs [P, Z, H, W]`` (``min_area`` and ``single_object``
+    per slice, see :func:`summarise`) + totals."""
     n, z = probs.shape[:2]
     masks = np.zeros(probs.shape, dtype=bool)
     slice_found = np.zeros((z, n), dtype=bool)
     for k in range(z):
-        s = summarise(probs[:, k], threshold, min_area)
+        s = summarise(probs[:, k], threshold, min_area, single_object)
         masks[:, k] = s["masks"]
         slice_found[k] = s["found"]
     found = slice_found.any(axis=0)

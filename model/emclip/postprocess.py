@@ -1,0 +1,46 @@
+"""Mask post-processing: keep one connected object for structures that are one object.
+
+An optic disc, an optic cup or a left ventricle is a single connected region in a 2D image; a
+segmentation that also marks a bright blob at the edge of a fundus photograph or a vessel
+beside the heart is wrong there. For the prompts whose structure is listed in the model's
+``config.single_object`` (canonical names; synonyms resolve through :mod:`emclip.prompts`),
+:func:`keep_single_object` keeps the connected component (8-connected in 2D, 26 in 3D) with the
+largest probability mass and clears the rest. Which structures get it is decided per structure
+on the *source domain's* validation images (as nnU-Net does): on when it does not lower Dice
+there (see MODEL_CARD.md for the shipped model's choice). An empty list turns it off.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["keep_single_object", "single_object_flags"]
+
+
+def _canonical(name: str) -> str:
+    from .prompts import canonical_name, clean_prompt
+
+    return canonical_name(name) or clean_prompt(name).casefold()
+
+
+def single_object_flags(model: Any, prompts: Sequence[str]) -> list[bool]:
+    """For each prompt, whether ``model.config.single_object`` names its structure."""
+    listed = getattr(getattr(model, "config", None), "single_object", None) or []
+    wanted = {_canonical(s) for s in listed}
+    return [bool(wanted) and _canonical(str(p)) in wanted for p in prompts]
+
+
+def keep_single_object(mask: np.ndarray, probability: np.ndarray) -> np.ndarray:
+    """``mask`` (bool, 2D or 3D) reduced to its connected component with the largest sum of
+    ``probability`` (same shape). An empty or one-component mask is returned unchanged."""
+    from scipy import ndimage
+
+    structure = np.ones((3,) * mask.ndim, dtype=bool)
+    labels, n = ndimage.label(mask, structure=structure)
+    if n <= 1:
+        return mask
+    mass = ndimage.sum_labels(probability, labels, index=np.arange(1, n + 1))
+    return labels == (int(np.argmax(mass)) + 1)
