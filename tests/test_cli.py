@@ -152,6 +152,30 @@ def test_segment_writes_masks_and_overlays(images, capsys):
     assert "fundus.png: optic disc" in summary and "stack.tif" in summary
 
 
+def test_single_object_masks_and_all_components(images, tmp_path, capsys):
+    """A model listing "optic disc" as one object gives one region; --all-components keeps all."""
+    import torch
+    from scipy import ndimage
+
+    import emclip
+
+    torch.manual_seed(0)
+    net = emclip.create_model("tiny").eval()
+    net.config.single_object = ["optic disc"]
+    emclip.save_model(net, tmp_path / "model")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (96, 96), dtype=np.uint8)).save(images / "g.png")
+    counts = {}
+    for extra in ([], ["--all-components"]):
+        out = tmp_path / f"out{len(extra)}"
+        rc = cli_main.main(["segment", str(images / "g.png"), "--prompts", "optic disc", "--out", str(out),
+                            "--model", str(tmp_path / "model"), "--threshold", "0.03", "--min-area", "1",
+                            "--no-overlay", *extra])
+        assert rc == 0, capsys.readouterr().err
+        mask = read_mask_tiff(out / "g_masks.tif").masks[0] > 0
+        counts[bool(extra)] = ndimage.label(mask, structure=np.ones((3, 3), bool))[1]
+    assert counts[False] == 1 and counts[True] > 5
+
+
 def test_existing_outputs_are_refused_without_overwrite(images, capsys):
     out = images / "out"
     out.mkdir()

@@ -73,13 +73,16 @@ def test_segment_and_stack_use_the_models_list():
     n_plain = _components(plain.masks[0])
     assert n_plain > 5
     assert np.array_equal(plain.masks[0], plain.probabilities[0] > t)
+    assert plain.info["single_object"] == []
     net.config.single_object = ["optic disc"]
     single = emclip.segment(image, ["optic disc"], net, threshold=t, min_area=0)
     assert np.array_equal(single.probabilities, plain.probabilities)
     assert _components(single.masks[0]) == 1
+    assert single.info["single_object"] == ["optic disc"]
     assert not (single.masks[0] & ~plain.masks[0]).any()
     stack = emclip.segment_stack(np.stack([image, image[::-1]]), ["optic disc"], net, threshold=t, min_area=0)
     assert [_components(stack.masks[0, k]) for k in range(2)] == [1, 1]
+    assert stack.info["single_object"] == ["optic disc"]
 
 
 def _components(mask: np.ndarray) -> int:

@@ -628,7 +628,7 @@ def segment_fundus(
     from .inference import SegmentationResult
     from .inference.options import check_batch_size, check_min_area, check_modality, check_threshold
     from .inference.single_image import summarise
-    from .postprocess import single_object_flags
+    from .postprocess import single_object_flags, single_object_prompts
     from .preprocess import check_image
 
     prompt_list = parse_prompts(prompts)
@@ -735,7 +735,8 @@ def segment_fundus(
     for i, prompt in enumerate(prompt_list):
         if not is_disc_region_prompt(prompt):
             pasted[i] = _resize_maps(whole_probs[i : i + 1], hw)[0]
-    summary = summarise(pasted, t, area, single_object_flags(net, prompt_list))
+    single = single_object_flags(net, prompt_list)
+    summary = summarise(pasted, t, area, single)
     stages.finish()
     record.update(used=True, reason="whole photograph", crop=box.to_dict())
     return SegmentationResult(
@@ -753,6 +754,7 @@ def segment_fundus(
             "overview_intensity_range": overview.info.get("intensity_range"),
             "modality": pass_modality,
             "coarse_to_fine": record,
+            "single_object": single_object_prompts(prompt_list, single),
         },
         **summary,
     )

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["keep_single_object", "single_object_flags"]
+__all__ = ["keep_single_object", "single_object_flags", "single_object_prompts"]
 
 
 def _canonical(name: str) -> str:
@@ -31,6 +31,11 @@ def single_object_flags(model: Any, prompts: Sequence[str]) -> list[bool]:
     listed = getattr(getattr(model, "config", None), "single_object", None) or []
     wanted = {_canonical(s) for s in listed}
     return [bool(wanted) and _canonical(str(p)) in wanted for p in prompts]
+
+
+def single_object_prompts(prompts: Sequence[str], flags: Sequence[bool]) -> list[str]:
+    """The prompts whose masks were reduced to one object (``result.info["single_object"]``)."""
+    return [str(p) for p, f in zip(prompts, flags) if f]
 
 
 def keep_single_object(mask: np.ndarray, probability: np.ndarray) -> np.ndarray:

@@ -162,6 +162,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     parser.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     parser.add_argument(
+        "--all-components",
+        action="store_true",
+        help="keep every connected region of each mask (default: for the structures the model "
+        "lists as one object, e.g. optic disc or left ventricle, only the main region is kept)",
+    )
+    parser.add_argument(
         "--trust-pickle",
         action="store_true",
         help="allow pickle checkpoints (.pt/.pth/.ckpt); only for files you trust",
@@ -369,6 +375,8 @@ def run(args: argparse.Namespace) -> int:
     from ..inference import load_model
 
     model = load_model(args.model, args.device, trust_pickle=args.trust_pickle)
+    if args.all_components:
+        model.config.single_object = []
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet = bool(args.quiet)
     bar = tqdm(

@@ -109,6 +109,8 @@ def run_volumes(args: argparse.Namespace, prompts: list[str]) -> int:
     from ..inference import load_model
 
     model = load_model(args.model, args.device, trust_pickle=args.trust_pickle)
+    if args.all_components:
+        model.config.single_object = []
     out_dir.mkdir(parents=True, exist_ok=True)
     quiet = bool(args.quiet)
     with sigint_cancels() as cancel:

@@ -29,7 +29,7 @@ import torch
 
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError, InvalidImageError
-from ..postprocess import single_object_flags
+from ..postprocess import single_object_flags, single_object_prompts
 from ..preprocess import MIN_SIDE, check_values, letterbox
 from ..sequences import canonical_sequences, foreground_window, normalise_sequence, to_layout
 from .model_loading import resolve_model
@@ -230,16 +230,18 @@ def segment_channels(
             del out
             steps.advance(len(idx))
     check_cancel(cancel)
+    single = single_object_flags(net, prompts)
     info = {"tile_size": None, "modality": modality, "channels": names, "ignored_channels": ignored,
+            "single_object": single_object_prompts(prompts, single),
             "intensity_windows": windows,
             "fusion_sequences": layout}
     sim = np.mean(np.stack(sims), axis=0).astype(np.float32) if sims and sims[0].size else np.zeros((0, len(prompts)), np.float32)
     common = {"prompts": prompts, "cluster_similarity": sim, "threshold": t, "min_area": area, "tiled": False, "device": str(dev), "info": info}
     if not stack:
-        summary = summarise(probs[:, 0], t, area, single_object_flags(net, prompts))
+        summary = summarise(probs[:, 0], t, area, single)
         steps.finish()
         return SegmentationResult(probabilities=probs[:, 0], cluster_map=clusters[0], **common, **summary)
-    summary = _summarise_stack(probs, t, area, single_object_flags(net, prompts))
+    summary = _summarise_stack(probs, t, area, single)
     summary["masks"] = np.moveaxis(summary["masks"], 1, 1 + stack_pos)
     steps.finish()
     return SegmentationResult(

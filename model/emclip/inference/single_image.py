@@ -11,7 +11,7 @@ import torch
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError
 from ..exemplars import Exemplar, TemplateBank, check_exemplars
-from ..postprocess import keep_single_object, single_object_flags
+from ..postprocess import keep_single_object, single_object_flags, single_object_prompts
 from ..preprocess import MIN_SIDE, check_image, check_values, letterbox, to_float_rgb
 from ..preprocess import intensity_range as image_intensity_range
 from ..tiling import TileGrid, batched, tile_grid
@@ -284,9 +284,11 @@ def segment(
         check_cancel(cancel)
         probs, clusters, sims, used = run_2d(arr, window, runner, plan, steps, cancel)
         ran_on = str(runner.device)
-    summary = summarise(probs, t, area, single_object_flags(net, names))
+    single = single_object_flags(net, names)
+    summary = summarise(probs, t, area, single)
     steps.finish()
-    info = {"tile_size": used.tile, "intensity_range": window, "modality": modality}
+    info = {"tile_size": used.tile, "intensity_range": window, "modality": modality,
+            "single_object": single_object_prompts(names, single)}
     if exemplar_list:
         info["exemplars"] = exemplar_info(exemplar_list, mode)
     return SegmentationResult(

@@ -10,7 +10,7 @@ import torch
 from ..callbacks import CancelCallback, ProgressCallback, check_cancel
 from ..errors import InvalidArgumentError, InvalidImageError
 from ..exemplars import Exemplar, TemplateBank, check_exemplars
-from ..postprocess import single_object_flags
+from ..postprocess import single_object_flags, single_object_prompts
 from ..preprocess import check_image, check_values, letterbox, robust_range, to_float_rgb
 from .exemplar_prompts import (
     check_exemplar_mode,
@@ -229,14 +229,16 @@ def segment_stack(
             failure = None
         ran_on = str(runner.device)
     check_cancel(cancel)
-    summary = _summarise_stack(probs, t, area, single_object_flags(net, prompt_list))
+    single = single_object_flags(net, prompt_list)
+    summary = _summarise_stack(probs, t, area, single)
     mean_similarity = (
         np.mean(np.stack(sims), axis=0).astype(np.float32)
         if sims and sims[0].size
         else (np.zeros((0, n), dtype=np.float32))
     )
     steps.finish()
-    info = {"tile_size": plan.tile, "intensity_range": window, "modality": modality}
+    info = {"tile_size": plan.tile, "intensity_range": window, "modality": modality,
+            "single_object": single_object_prompts(prompt_list, single)}
     if exemplar_list:
         info["exemplars"] = exemplar_info(exemplar_list, mode)
     return SegmentationResult(
