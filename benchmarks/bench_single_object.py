@@ -4,7 +4,7 @@
                                              [--out /work/runs/single_object] [--install FOLDER]
 
 nnU-Net-style post-processing decision (:mod:`emclip.postprocess`): for every structure the
-model knows (``config.known_structures``), the validation Dice with the model's masks as they
+model knows (``config.known_structures``; a U-Net's ``class_names``), the validation Dice with the model's masks as they
 come (``config.single_object = []``) and with only the main connected component kept. A structure
 is listed in ``single_object`` when keeping one component does not lower its mean validation
 Dice. Only source-domain validation parts are used — the same parts the training run selected
@@ -57,9 +57,11 @@ def main(argv: list[str] | None = None) -> int:
     from emclip.modality import known_structures
 
     net = emclip.load_model(args.model) if args.model else emclip.load_model()
-    candidates = sorted({s for names in known_structures(net).values() for s in names})
+    candidates = sorted({s for names in known_structures(net).values() for s in names}
+                        or set(getattr(net.config, "class_names", None) or []))
     if not candidates:
-        print("the model lists no known structures (config.known_structures); nothing to decide", file=sys.stderr)
+        print("the model lists no known structures (config.known_structures or class_names); nothing to decide",
+              file=sys.stderr)
         return 2
     datasets = [str(Path(args.data_root) / d) for d in VALIDATION]
     started = time.perf_counter()
