@@ -113,7 +113,9 @@ def cluster_labels(resp: Optional[torch.Tensor], geo: Any, out_hw: tuple[int, in
     nh, nw = geo.new_hw
     # channels-last: the bilinear upsample and the argmax over K both run on contiguous K-vectors
     # (same ids as NCHW, ~4x faster); the argmax only covers the letterbox's image region
-    x = resp[None].float().contiguous(memory_format=torch.channels_last)
+    # (re-laid out from a plain contiguous copy: ``resp`` may already be K-innermost with a batch
+    # stride that makes torch see the 4D view as NCHW, and then both ops run ~10x slower)
+    x = resp.float().contiguous()[None].contiguous(memory_format=torch.channels_last)
     up = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
     crop = up[0, :, geo.top : geo.top + nh, geo.left : geo.left + nw]
     small = (crop.argmax(dim=0) + 1).to(torch.int32).cpu().numpy()
