@@ -91,8 +91,10 @@ POLL_MS = 50
 """Progress and stage texts are shown at most this often (20 Hz): each repaint of the dock
 re-composites napari's OpenGL canvas (~16 ms with a software renderer)."""
 QUIET_S = 0.25
-"""Nothing is shown during a run's first quarter second (a quick run ends without intermediate
-repaints); after that the progress, or an animated busy bar while none was reported yet."""
+"""Nothing is shown during a run's first quarter second, not even the disabled Run button (a
+quick run ends without intermediate repaints: each one re-composites the canvas and holds the
+GIL, which slowed the worker by ~50 ms); after that the busy state (Run disabled, Cancel
+enabled, the stage) and the progress, or an animated busy bar while none was reported yet."""
 NOTIFY_DELAY_MS = 100
 """A finished run's napari notification waits this long (the new layers are drawn first)."""
 BATCH_PIXELS = 8_000_000
@@ -238,6 +240,8 @@ class _ActiveRun:
     worker_done: bool = False
     report: _Report | None = None
     shown: tuple[Any, Any] = (None, None)
+    busy_text: str = ""
+    busy_shown: bool = False
 
 
 class EMClipWidget(QWidget):
@@ -668,12 +672,11 @@ class EMClipWidget(QWidget):
         worker.errored.connect(self._on_errored)
         worker.finished.connect(self._on_finished)
         worker.warned.connect(self._on_warned)
-        self.run_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        # the progress bar is left to the poll: QProgressBar.setValue repaints the window at
-        # once (synchronously), which would delay the worker's start
+        # the busy state (buttons, status, progress) is left to the poll, after QUIET_S: every
+        # repaint now would re-composite the canvas while the worker starts (see QUIET_S); a
+        # second press meanwhile is refused by the check above
         what = ", ".join(prompts) if prompts is not None else "every known structure"
-        self.status_label.setText(f"Segmenting {what} in {layer.name!r}…")
+        self._run.busy_text = f"Segmenting {what} in {layer.name!r}…"
         # start the thread now: worker.start() would wait for the next event-loop turn, i.e.
         # until the dock has been repainted (tens of ms with a software OpenGL canvas)
         QThreadPool.globalInstance().start(worker)
@@ -696,6 +699,13 @@ class EMClipWidget(QWidget):
             return
         if time.perf_counter() - run.started < QUIET_S:
             return  # a quick run finishes without a single intermediate repaint
+        if not run.busy_shown:
+            run.busy_shown = True
+            self.run_button.setEnabled(False)
+            if not run.cancel_event.is_set():
+                self.cancel_button.setEnabled(True)
+                self.status_label.setText(run.busy_text)
+                run.shown = (run.shown[0], run.report.stage)  # later stages replace it
         progress, stage = run.report.progress, run.report.stage
         shown_progress, shown_stage = run.shown
         if progress != shown_progress and progress is not None and progress[1] > 0:
@@ -766,8 +776,9 @@ class EMClipWidget(QWidget):
         )
         run.pending = placement_batches(run.placements, BATCH_PIXELS)
         run.placing = True
-        self.cancel_button.setEnabled(False)  # the result is accepted: it is being added
-        self.status_label.setText("Adding layers…")
+        if run.busy_shown:  # a quick run goes straight to the result (no repaint in between)
+            self.cancel_button.setEnabled(False)  # the result is accepted: it is being added
+            self.status_label.setText("Adding layers…")
         self.result_received.emit(len(run.placements))
         self._place_next()
 

@@ -332,9 +332,32 @@ def test_second_run_is_refused_while_one_is_going(setup, qtbot):
         assert w.run() is True
         assert w.run() is False
         assert w.last_message[0] == "warning" and "already in progress" in w.last_message[1]
-        assert not w.run_button.isEnabled()
     assert layer_names(setup.viewer) == ["fundus", "optic disc"]
     assert w.run_button.isEnabled() and not w.is_running
+
+
+def test_busy_state_shows_only_after_a_quarter_second(setup, qtbot):
+    """A quick run repaints nothing before its result; a longer one shows Run disabled and
+    Cancel enabled after QUIET_S, and its Cancel button works."""
+    from napari_emclip._widget import QUIET_S
+
+    w, viewer = setup.widget, setup.viewer
+    vol = viewer.add_image(_stack(48), name="stack")
+    w.set_image_layer(vol)
+    w.set_prompts("left ventricle")
+    idle_text = w.status_label.text()
+    with qtbot.waitSignal(w.run_finished, timeout=60_000) as blocker:
+        assert w.run() is True
+        started = time.perf_counter()
+        assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
+        assert w.status_label.text() == idle_text
+        qtbot.waitUntil(lambda: w.cancel_button.isEnabled() or not w.is_running, timeout=10_000)
+        assert w.is_running, "the run ended before the busy state: make the stack bigger"
+        assert time.perf_counter() - started >= QUIET_S
+        assert not w.run_button.isEnabled() and "Segmenting left ventricle" in w.status_label.text()
+        w.cancel_button.click()
+    assert blocker.args == ["cancelled"]
+    assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
 
 
 def _stack(n_slices: int = 16, size: int = 128) -> np.ndarray:
