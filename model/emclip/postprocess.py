@@ -5,9 +5,10 @@ segmentation that also marks a bright blob at the edge of a fundus photograph or
 beside the heart is wrong there. For the prompts whose structure is listed in the model's
 ``config.single_object`` (canonical names; synonyms resolve through :mod:`emclip.prompts`),
 :func:`keep_single_object` keeps the connected component (8-connected in 2D, 26 in 3D) with the
-largest probability mass and clears the rest. Which structures get it is decided per structure
-on the *source domain's* validation images (as nnU-Net does): on when it does not lower Dice
-there (see MODEL_CARD.md for the shipped model's choice). An empty list turns it off.
+largest probability mass and clears the rest. ``benchmarks/bench_single_object.py`` proposes the
+list per structure from the *source domain's* validation images (as nnU-Net does: on when it does
+not lower Dice there). An empty list turns it off; the bundled model keeps it empty, because the
+list chosen that way lowered Dice on an unseen scanner (MODEL_CARD.md).
 """
 
 from __future__ import annotations

@@ -31,7 +31,8 @@ class AugmentConfig:
     ``style_mix_beta``: upper bound of the swapped low-frequency window (fraction of the
     spectrum, default 0.05); ``flips``: allow horizontal/vertical flips (default True; turn off
     when left/right matters); ``remap_p``: probability of a random intensity remapping
-    (:func:`emclip.data.intensity_remap.random_intensity_remap`, GIN/IPA-style; default 0, off)."""
+    (:func:`emclip.data.intensity_remap.random_intensity_remap`, GIN/IPA-style; default 0, off;
+    single images only: multi-sequence samples get their per-sequence jitter instead)."""
 
     strength: str = "default"
     style_mix_p: float = 0.3
