@@ -301,6 +301,29 @@ def test_augmentation_is_seeded_and_keeps_labels():
         AugmentConfig(strength="wild")
 
 
+def test_augmentation_zoom_range_is_configurable():
+    """``augment.scale`` sets the affine zoom: a fixed 1.6x zoom makes a centred object 2.56x
+    larger whenever the affine is drawn; the default range (0.8-1.2) never exceeds 1.44x."""
+    lab = np.zeros((96, 96), np.uint8)
+    lab[38:58, 38:58] = 1  # 400 pixels at the centre
+    img = np.repeat(lab[..., None], 3, axis=2).astype(np.float32)
+
+    def area_ratios(cfg: AugmentConfig) -> np.ndarray:
+        pipe = build_augmentation(cfg)
+        return np.array([augment(pipe, img, lab, seed=s)[1].sum() / lab.sum() for s in range(24)])
+
+    fixed = area_ratios(AugmentConfig(style_mix_p=0.0, scale=(1.6, 1.6)))
+    default = area_ratios(AugmentConfig(style_mix_p=0.0))
+    assert (fixed > 2.2).sum() >= 6  # the affine is drawn with p = 0.6
+    assert default.max() < 1.6
+    assert AugmentConfig(scale=[0.8, 1.7]).zoom_range() == (0.8, 1.7)
+    assert AugmentConfig(strength="light").zoom_range() == (0.9, 1.1)
+    with pytest.raises(ConfigError, match="augment.scale"):
+        AugmentConfig(scale=(1.5, 1.2))
+    with pytest.raises(ConfigError, match="augment.scale"):
+        AugmentConfig(scale=(0.1, 1.0))
+
+
 def test_style_mixing_uses_reference_spectrum():
     import albumentations as A
 

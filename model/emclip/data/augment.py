@@ -22,6 +22,7 @@ import numpy as np
 from ..errors import ConfigError
 
 STRENGTHS = ("none", "light", "default", "strong")
+STRENGTH_FACTORS = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}
 
 
 @dataclass
@@ -32,13 +33,17 @@ class AugmentConfig:
     spectrum, default 0.05); ``flips``: allow horizontal/vertical flips (default True; turn off
     when left/right matters); ``remap_p``: probability of a random intensity remapping
     (:func:`emclip.data.intensity_remap.random_intensity_remap`, GIN/IPA-style; default 0, off;
-    single images only: multi-sequence samples get their per-sequence jitter instead)."""
+    single images only: multi-sequence samples get their per-sequence jitter instead);
+    ``scale``: ``(low, high)`` zoom range of the random affine (> 1 zooms in, so the structures
+    fill more of the frame), default None = ``1 -/+ 0.2`` times the strength factor
+    (``(0.8, 1.2)`` for "default")."""
 
     strength: str = "default"
     style_mix_p: float = 0.3
     style_mix_beta: float = 0.05
     flips: bool = True
     remap_p: float = 0.0
+    scale: tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         if self.strength not in STRENGTHS:
@@ -49,6 +54,21 @@ class AugmentConfig:
             raise ConfigError(f"augment.style_mix_beta must be in [0, 0.5], got {self.style_mix_beta}")
         if not 0 <= self.remap_p <= 1:
             raise ConfigError(f"augment.remap_p must be in [0, 1], got {self.remap_p}")
+        if self.scale is not None:
+            low, high = (float(v) for v in self.scale)
+            if not 0.25 <= low <= high <= 4.0:
+                raise ConfigError(
+                    f"augment.scale must be [low, high] with 0.25 <= low <= high <= 4 "
+                    f"(1 = no zoom), got {list(self.scale)}"
+                )
+            self.scale = (low, high)
+
+    def zoom_range(self) -> tuple[float, float]:
+        """``scale`` or the default range of ``strength`` (``(1, 1)`` for "none")."""
+        if self.scale is not None:
+            return self.scale
+        k = STRENGTH_FACTORS[self.strength]
+        return (1 - 0.2 * k, 1 + 0.2 * k)
 
 
 def _identity(image: np.ndarray) -> np.ndarray:
@@ -65,14 +85,14 @@ def build_augmentation(cfg: AugmentConfig | None = None):
     cfg = cfg or AugmentConfig()
     if cfg.strength == "none" and cfg.style_mix_p == 0:
         return None
-    k = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}[cfg.strength]
+    k = STRENGTH_FACTORS[cfg.strength]
     ops = []
     if cfg.style_mix_p > 0:
         ops.append(A.FDA(reference_images=None, beta_limit=(0.0, cfg.style_mix_beta), read_fn=_identity,
                          p=cfg.style_mix_p))
     if k > 0:
         ops += [
-            A.Affine(scale=(1 - 0.2 * k, 1 + 0.2 * k), rotate=(-15 * k, 15 * k),
+            A.Affine(scale=cfg.zoom_range(), rotate=(-15 * k, 15 * k),
                      translate_percent=(-0.05 * k, 0.05 * k), interpolation=cv2.INTER_LINEAR,
                      mask_interpolation=cv2.INTER_NEAREST, border_mode=cv2.BORDER_CONSTANT, fill=0,
                      fill_mask=0, p=min(1.0, 0.6 * k)),
