@@ -76,7 +76,7 @@ WHOLE_MAX_AREA_FRACTION = 0.08
 
 Whole Drishti photographs: 2.0-5.4 %; macula-centred 45 degree photographs: about 1-2 %;
 Drishti ROI crops: 12-31 % (mean 18 %); RIM-ONE crops: 35 % and more. The discs the bundled
-default model predicts: 12.6-28.5 % on the 51 Drishti test crops, 12.0-36.4 % on 80 RIM-ONE
+default model predicts: 12.7-32.2 % on the 51 Drishti test crops, 17.1-54.4 % on 80 RIM-ONE
 crops (all recognised as crops)."""
 
 WHOLE_MAX_DIAMETER_FRACTION = 0.35
