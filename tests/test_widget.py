@@ -336,13 +336,24 @@ def test_second_run_is_refused_while_one_is_going(setup, qtbot):
     assert w.run_button.isEnabled() and not w.is_running
 
 
-def test_busy_state_shows_only_after_a_quarter_second(setup, qtbot):
+def test_busy_state_shows_only_after_a_quarter_second(setup, qtbot, monkeypatch):
     """A quick run repaints nothing before its result; a longer one shows Run disabled and
     Cancel enabled after QUIET_S, and its Cancel button works."""
+    from emclip import inference
+    from emclip.callbacks import check_cancel
     from napari_emclip._widget import QUIET_S
 
+    def until_cancelled(*args, cancel=None, **kwargs):
+        """A stack run that lasts until Cancel is pressed (so the test never races the CPU)."""
+        deadline = time.perf_counter() + 30
+        while time.perf_counter() < deadline:
+            check_cancel(cancel)
+            time.sleep(0.01)
+        raise AssertionError("never cancelled")
+
+    monkeypatch.setattr(inference, "segment_stack", until_cancelled)
     w, viewer = setup.widget, setup.viewer
-    vol = viewer.add_image(_stack(48), name="stack")
+    vol = viewer.add_image(_stack(4), name="stack")
     w.set_image_layer(vol)
     w.set_prompts("left ventricle")
     idle_text = w.status_label.text()
@@ -352,7 +363,7 @@ def test_busy_state_shows_only_after_a_quarter_second(setup, qtbot):
         assert w.run_button.isEnabled() and not w.cancel_button.isEnabled()
         assert w.status_label.text() == idle_text
         qtbot.waitUntil(lambda: w.cancel_button.isEnabled() or not w.is_running, timeout=10_000)
-        assert w.is_running, "the run ended before the busy state: make the stack bigger"
+        assert w.is_running
         assert time.perf_counter() - started >= QUIET_S
         assert not w.run_button.isEnabled() and "Segmenting left ventricle" in w.status_label.text()
         w.cancel_button.click()
