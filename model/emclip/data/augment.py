@@ -36,7 +36,7 @@ class AugmentConfig:
     single images only: multi-sequence samples get their per-sequence jitter instead);
     ``scale``: ``(low, high)`` zoom range of the random affine (> 1 zooms in, so the structures
     fill more of the frame), default None = ``1 -/+ 0.2`` times the strength factor
-    (``(0.8, 1.2)`` for "default")."""
+    (``(0.8, 1.2)`` for "default"); with strength "none" there is no affine at all."""
 
     strength: str = "default"
     style_mix_p: float = 0.3
