@@ -72,12 +72,12 @@ def run(models: list[tuple[str, Any]], folder: Path, ratios: list[float], refram
         limit: int | None) -> dict[str, Any]:
     from emclip import fundus
 
+    variants: dict[str, dict[str, Any]] = {"default": {}}
+    if reframe:
+        variants["reframe"] = {"whole_photograph": True}
     rows = []
     for ident, ratio, image, lab in tight_crops(folder, ratios, seed, limit):
         for name, net in models:
-            variants = {"default": {}}
-            if reframe:
-                variants["reframe"] = {"whole_photograph": True}
             for variant, kwargs in variants.items():
                 out = fundus.segment_fundus(image, list(PROMPTS), net, modality="fundus", **kwargs)
                 disc = out.info["coarse_to_fine"]["disc"]
@@ -91,7 +91,7 @@ def run(models: list[tuple[str, Any]], folder: Path, ratios: list[float], refram
     table = []
     for name, _ in models:
         for ratio in ratios:
-            for variant in ("default", "reframe") if reframe else ("default",):
+            for variant in variants:
                 sel = [r for r in rows if r["model"] == name and r["ratio"] == ratio and r["variant"] == variant]
                 table.append({
                     "model": name, "ratio": ratio, "variant": variant, "n": len(sel),
