@@ -109,6 +109,10 @@ def coerce(value: Any, hint: Any, path: str, *, numbers_as_text: bool = False) -
         return [inner(v, item, f"{path}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:  # tuple[X, ...]: any length
+            if not isinstance(value, (list, tuple)):
+                raise ConfigError(f"'{path}' must be a list, got {_show(value)}")
+            return tuple(inner(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
         if not isinstance(value, (list, tuple)) or len(args) != len(value):
             raise ConfigError(f"'{path}' must be a list of {len(args)} values, got {_show(value)}")
         return tuple(inner(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
