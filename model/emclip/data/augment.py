@@ -36,7 +36,11 @@ class AugmentConfig:
     single images only: multi-sequence samples get their per-sequence jitter instead);
     ``scale``: ``(low, high)`` zoom range of the random affine (> 1 zooms in, so the structures
     fill more of the frame), default None = ``1 -/+ 0.2`` times the strength factor
-    (``(0.8, 1.2)`` for "default"); with strength "none" there is no affine at all."""
+    (``(0.8, 1.2)`` for "default"); with strength "none" there is no affine at all;
+    ``label_contrast_p``: probability of a random contrast per labelled structure
+    (:func:`emclip.data.label_contrast.random_label_contrast`, SynthSeg-style; default 0, off;
+    single images only); ``label_contrast_modalities``: canonical modality keys it applies to
+    (e.g. ``["cardiac_mri"]``, see :data:`emclip.prompts.MODALITY_ALIASES`; default None = all)."""
 
     strength: str = "default"
     style_mix_p: float = 0.3
@@ -44,6 +48,8 @@ class AugmentConfig:
     flips: bool = True
     remap_p: float = 0.0
     scale: tuple[float, float] | None = None
+    label_contrast_p: float = 0.0
+    label_contrast_modalities: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.strength not in STRENGTHS:
@@ -62,6 +68,25 @@ class AugmentConfig:
                     f"(1 = no zoom), got {list(self.scale)}"
                 )
             self.scale = (low, high)
+        if not 0 <= self.label_contrast_p <= 1:
+            raise ConfigError(f"augment.label_contrast_p must be in [0, 1], got {self.label_contrast_p}")
+        if self.label_contrast_modalities is not None:
+            from ..prompts import MODALITY_ALIASES
+
+            keys = tuple(str(m) for m in self.label_contrast_modalities)
+            unknown = [m for m in keys if m not in MODALITY_ALIASES]
+            if unknown:
+                raise ConfigError(
+                    f"augment.label_contrast_modalities: unknown {unknown}; use the canonical keys "
+                    f"{sorted(MODALITY_ALIASES)}"
+                )
+            self.label_contrast_modalities = keys
+
+    def label_contrast_applies(self, modality_key: str | None) -> bool:
+        """Whether the per-structure contrast may be drawn for a sample of this canonical modality."""
+        if self.label_contrast_p <= 0:
+            return False
+        return self.label_contrast_modalities is None or modality_key in self.label_contrast_modalities
 
     def zoom_range(self) -> tuple[float, float]:
         """``scale`` or the default range of ``strength`` (``(1, 1)`` for "none")."""

@@ -28,6 +28,7 @@ from ..errors import ConfigError
 from ..prompts import canonical_modality, random_template
 from .augment import AugmentConfig, augment, build_augmentation
 from .intensity_remap import random_intensity_remap
+from .label_contrast import random_label_contrast
 
 
 @dataclass
@@ -254,6 +255,11 @@ class PromptedDataset:
                     other = src.indices[(src.indices.index(j) + 1) % len(src.indices)]
                 reference = self._load(src, other)[0]
             image, labels = augment(self.pipeline, image, labels, seed=aug_seed, reference=reference)
+        if self.train and not multi and self.augment_cfg.label_contrast_applies(
+                canonical_modality(sample.spec.modality)):
+            contrast_rng = np.random.default_rng([aug_seed, 2])
+            if contrast_rng.uniform() < self.augment_cfg.label_contrast_p:
+                image = random_label_contrast(image, labels, contrast_rng)
         if self.train and not multi and self.augment_cfg.remap_p > 0:
             remap_rng = np.random.default_rng([aug_seed, 1])
             if remap_rng.uniform() < self.augment_cfg.remap_p:
