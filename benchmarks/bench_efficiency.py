@@ -6,8 +6,8 @@ forward FLOPs of one 256 px image with 2 prompts are counted with
 embeddings cached as at inference). The machine's fp32 matmul peak is measured before and after
 and the better value is used. For the default model it also reports: encoder / decoder split,
 FLOPs and time of depthwise vs dense convolutions, a torch.profiler table of the top operators,
-and optional variants side by side (torch.compile, TorchScript freeze, bfloat16 autocast,
-batch of 4).
+and variants side by side (BatchNorms not folded = eager before bn_folding, bfloat16 autocast,
+batch of 4; optional torch.compile and TorchScript freeze).
 
     python benchmarks/bench_efficiency.py                 # full run, ~4 min with --compile
     python benchmarks/bench_efficiency.py --compile       # + torch.compile variant (slow start)
@@ -164,6 +164,8 @@ def main() -> None:
         return run
 
     timed = {name: inference(fn) for name, fn in forwards.items()}
+    for fn in timed.values():  # first calls build per-model caches (the BatchNorm-folded tower)
+        fn()
     flops = {}
     for name, fn in timed.items():
         flops[name], _ = count_flops(fn)
@@ -225,6 +227,16 @@ def main() -> None:
                 return model(x, emb_d)
 
         variants["bf16 autocast"] = bf16
+
+        def unfolded():  # what eager fp32 was before the BatchNorms were folded (emclip/nn/bn_folding.py)
+            enc.fold_batchnorm = False
+            try:
+                with torch.inference_mode():
+                    return model(x, emb_d)
+            finally:
+                enc.fold_batchnorm = True
+
+        variants["BatchNorms not folded"] = unfolded
         x4 = x.expand(4, -1, -1, -1).contiguous()
 
         def batch4():

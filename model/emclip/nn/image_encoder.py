@@ -30,6 +30,7 @@ from torch import nn
 from ..config import ImageEncoderConfig
 from ..errors import ConfigError
 from . import towers
+from .bn_folding import FoldedTowerCache
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +171,8 @@ class OpenCLIPViTEncoder(ImageEncoder):
         if hasattr(visual, "attn_pool_contrastive"):
             visual.attn_pool_contrastive = None
         super().__init__(visual, freeze)
+        self.fold_batchnorm = True
+        self._folded = FoldedTowerCache()
         self.indices = list(indices)
         self.patch = int(visual.patch_size[0])
         self.width = int(visual.transformer.width)
@@ -231,6 +234,8 @@ class TimmEncoder(ImageEncoder):
         if self.is_vit:
             trunk.norm = nn.Identity()
         super().__init__(visual, freeze)
+        self.fold_batchnorm = True
+        self._folded = FoldedTowerCache()
         self.indices = list(indices)
         if self.is_vit:
             self.patch = int(trunk.patch_embed.patch_size[0])
@@ -242,15 +247,27 @@ class TimmEncoder(ImageEncoder):
             self.strides = [reductions[i] for i in indices]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        feats = self.visual.trunk.forward_intermediates(
-            self._input(x), indices=self.indices, intermediates_only=True, stop_early=True
-        )
+        x = self._input(x)
+
+        def run(trunk: nn.Module) -> list[torch.Tensor]:
+            return trunk.forward_intermediates(x, indices=self.indices, intermediates_only=True, stop_early=True)
+
+        feats = run(self._trunk_for_this_call(run))
         if self.pyramid is not None:
             return self.pyramid(feats)
         # A channels-last tower hands its maps on channels-last: the decoder's convolutions then
         # run on them without NCHW <-> blocked-layout reorders (faster on CPU, same values).
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return [f.contiguous(memory_format=fmt) for f in feats]
+
+    def _trunk_for_this_call(self, run) -> nn.Module:
+        """Inference without gradients (eval mode, ``fold_batchnorm``) runs a BatchNorm-folded copy
+        of a CNN trunk (:mod:`.bn_folding`, same outputs, fewer passes over memory); training,
+        gradients and ViTs run the trunk itself."""
+        trunk = self.visual.trunk
+        if self.is_vit or self.training or torch.is_grad_enabled() or not self.fold_batchnorm:
+            return trunk
+        return self._folded.get(trunk, run)
 
     def _early_modules(self, stages: int) -> list[nn.Module]:
         trunk = self.visual.trunk

@@ -1,0 +1,149 @@
+"""Inference copies of CNN towers with each BatchNorm folded into the convolution before it.
+
+In eval mode a BatchNorm is a per-channel scale and shift, so it can be merged into the weights
+and bias of the convolution that feeds it (``torch.nn.utils.fusion.fuse_conv_bn_weights``); the
+activation that timm's ``BatchNormAct2d`` applies stays. On this 2-core CPU that removes 48
+passes over memory from each EfficientNet-Lite0 forward (see BENCHMARKS.md, issue 6).
+
+The pairs are found by running the tower once and watching which convolution output goes
+straight into which BatchNorm, so no architecture is hard-coded; the folded copy is then checked
+against the original on the same input and discarded if it differs (:func:`fold_batchnorms`).
+:class:`FoldedTowerCache` keeps one folded copy and rebuilds it when any weight of the original
+changes (fine-tuning, ``load_state_dict``, ``.to()``), so training always sees the real tower.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_weights
+
+log = logging.getLogger("emclip")
+
+__all__ = ["FoldedTowerCache", "fold_batchnorms"]
+
+
+def _is_plain_batchnorm(m: nn.Module) -> bool:
+    """``nn.BatchNorm2d`` or timm's ``BatchNormAct2d`` (norm, then ``drop``, then ``act``) with
+    running statistics; other subclasses may do more than scale and shift, so they are left."""
+    if not isinstance(m, nn.BatchNorm2d) or not m.track_running_stats or m.running_mean is None:
+        return False
+    return type(m) is nn.BatchNorm2d or (type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act") and hasattr(m, "drop"))
+
+
+def _conv_bn_pairs(module: nn.Module, run: Callable[[nn.Module], Any]) -> list[tuple[str, str]]:
+    """Names of (Conv2d, BatchNorm) pairs where the BatchNorm's input is the convolution's output."""
+    names = {m: n for n, m in module.named_modules()}
+    produced: dict[int, str] = {}
+    pairs: list[tuple[str, str]] = []
+    uses: dict[str, int] = {}
+
+    def after_conv(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        produced[id(out)] = names[m]
+        uses[names[m]] = uses.get(names[m], 0) + 1
+
+    def before_bn(m: nn.Module, inp: tuple[Any, ...]) -> None:
+        conv = produced.get(id(inp[0]))
+        if conv is not None and _is_plain_batchnorm(m):
+            pairs.append((conv, names[m]))
+
+    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_pre_hook(before_bn) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+    try:
+        run(module)
+    finally:
+        for h in hooks:
+            h.remove()
+    # a convolution called more than once (shared weights) or feeding two norms cannot be folded
+    convs = [c for c, _ in pairs]
+    return [(c, b) for c, b in pairs if uses.get(c) == 1 and convs.count(c) == 1]
+
+
+def _after_norm(bn: nn.Module) -> nn.Module:
+    """What is left of ``bn`` once its scale and shift live in the convolution."""
+    if type(bn) is nn.BatchNorm2d:
+        return nn.Identity()
+    return nn.Sequential(bn.drop, bn.act)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor):
+        scale = float(a.abs().max()) if a.numel() else 0.0
+        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, scale)))
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+@torch.no_grad()
+def fold_batchnorms(module: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[nn.Module, int]:
+    """An eval-mode copy of ``module`` with its BatchNorms folded into their convolutions.
+
+    ``run(m)`` runs ``m`` on a representative input and returns its output(s); it is used to find
+    the pairs and to check the copy (same outputs within rtol 1e-3). Returns ``(copy, n_folded)``;
+    when nothing can be folded or the check fails, ``(module, 0)`` — the original, unchanged.
+    """
+    folded = copy.deepcopy(module).eval()
+    pairs = _conv_bn_pairs(folded, run)
+    if not pairs:
+        return module, 0
+    for conv_name, bn_name in pairs:
+        conv, bn = folded.get_submodule(conv_name), folded.get_submodule(bn_name)
+        channels_last = conv.weight.dim() == 4 and conv.weight.is_contiguous(memory_format=torch.channels_last)
+        weight, bias = fuse_conv_bn_weights(conv.weight, conv.bias, bn.running_mean, bn.running_var, bn.eps,
+                                            bn.weight, bn.bias)
+        if channels_last:
+            weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last), weight.requires_grad)
+        conv.weight, conv.bias = weight, bias
+        _replace(folded, bn_name, _after_norm(bn))
+    was_training = module.training
+    module.eval()
+    try:
+        reference = run(module)
+    finally:
+        module.train(was_training)
+    if not _same(reference, run(folded)):
+        log.warning("BatchNorm folding changed the outputs of %s; using the unfolded tower", type(module).__name__)
+        return module, 0
+    return folded, len(pairs)
+
+
+def _weights_key(module: nn.Module) -> tuple:
+    """Changes whenever any parameter or buffer is modified in place, replaced or moved."""
+    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device)
+                 for t in (*module.parameters(), *module.buffers()))
+
+
+class FoldedTowerCache:
+    """One BatchNorm-folded copy of a tower, rebuilt when the tower's weights change.
+
+    Not an ``nn.Module`` on purpose: the copy is neither in the owner's ``state_dict`` nor in its
+    ``parameters()``, so saving, fine-tuning and optimisers only ever see the original.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._tower: nn.Module | None = None
+        self.folded = 0
+
+    def get(self, tower: nn.Module, run: Callable[[nn.Module], Any]) -> nn.Module:
+        """The folded copy of ``tower`` (built with ``run``, see :func:`fold_batchnorms`)."""
+        key = _weights_key(tower)
+        if self._tower is None or key != self._key:
+            self._tower, self.folded = fold_batchnorms(tower, run)
+            self._key = key
+        return self._tower
+
+    def clear(self) -> None:
+        self._key = self._tower = None
+        self.folded = 0

@@ -1,0 +1,114 @@
+"""BatchNorm folding of CNN towers for inference (emclip/nn/bn_folding.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from emclip.config import load_config
+from emclip.nn.bn_folding import fold_batchnorms
+from emclip.nn.image_encoder import build_image_encoder
+from torch import nn
+
+
+def _encoder_with_real_statistics(size: int = 64):
+    """cpu-default's tower with random weights and non-trivial running statistics (fresh BNs are
+    identities, which would hide a wrong fold)."""
+    torch.manual_seed(0)
+    enc = build_image_encoder(load_config("cpu-default").image_encoder, size)
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return enc.eval()
+
+
+def _both(enc, x):
+    with torch.no_grad():
+        enc.fold_batchnorm = False
+        plain = enc(x)
+        enc.fold_batchnorm = True
+        folded = enc(x)
+    return plain, folded
+
+
+def test_folded_tower_gives_the_same_features_without_batchnorms():
+    enc = _encoder_with_real_statistics()
+    x = torch.randn(2, 3, 64, 96)
+    plain, folded = _both(enc, x)
+    for a, b in zip(plain, folded):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    n_bn = sum(isinstance(m, nn.BatchNorm2d) for m in enc.visual.trunk.modules())
+    assert enc._folded.folded == n_bn > 40
+    copy = enc._folded._tower
+    assert copy is not enc.visual.trunk and not any(isinstance(m, nn.BatchNorm2d) for m in copy.modules())
+    # the copy is not part of the model: same state_dict and parameters as before
+    assert not any("_folded" in k for k in enc.state_dict())
+    assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in enc.visual.parameters())
+
+
+def test_weights_changed_in_place_rebuild_the_copy():
+    enc = _encoder_with_real_statistics()
+    x = torch.randn(1, 3, 64, 64)
+    _both(enc, x)
+    first = enc._folded._tower
+    with torch.no_grad():  # what an optimiser step or load_state_dict does
+        enc.visual.trunk.blocks[3][0].bn2.running_mean.add_(0.3)
+        enc.visual.trunk.blocks[3][0].conv_pw.weight.mul_(1.1)
+    plain, folded = _both(enc, x)
+    assert enc._folded._tower is not first
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(plain, folded))
+
+
+def test_training_and_gradients_use_the_tower_itself():
+    enc = _encoder_with_real_statistics()
+    x = torch.randn(2, 3, 64, 64)
+    enc(x)  # eval mode, but gradients on: the real tower (gradients must reach its weights)
+    assert enc._folded._tower is None
+    enc.train()
+    with torch.no_grad():
+        enc(x)
+    assert enc._folded._tower is None
+
+
+class _ConvFeedsNormAndSkip(nn.Module):
+    """The convolution's raw output is also used after the norm: folding would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+def test_a_fold_that_changes_the_outputs_is_refused(caplog):
+    m = _ConvFeedsNormAndSkip().eval()
+    m.bn.running_mean.fill_(0.7)
+    m.bn.running_var.fill_(3.0)
+    x = torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="emclip"):
+        out, n = fold_batchnorms(m, lambda mod: mod(x))
+    assert out is m and n == 0 and "changed the outputs" in caplog.text
+
+
+def test_plain_sequential_conv_bn_relu_is_folded():
+    m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU()).eval()
+    m[1].running_mean.uniform_(-1, 1)
+    m[1].running_var.uniform_(0.5, 2)
+    x = torch.randn(2, 3, 10, 10)
+    out, n = fold_batchnorms(m, lambda mod: mod(x))
+    assert n == 1 and isinstance(out[1], nn.Identity) and isinstance(m[1], nn.BatchNorm2d)  # original kept
+    with torch.no_grad():
+        assert torch.allclose(out(x), m(x), atol=1e-5)
+
+
+def test_vit_towers_are_never_folded(tiny_model):
+    enc = tiny_model.image_encoder
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 64, 64))
+    assert getattr(enc, "_folded", None) is None or enc._folded._tower is None
