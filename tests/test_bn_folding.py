@@ -112,3 +112,14 @@ def test_vit_towers_are_never_folded(tiny_model):
     with torch.no_grad():
         enc(torch.randn(1, 3, 64, 64))
     assert getattr(enc, "_folded", None) is None or enc._folded._tower is None
+
+
+def test_copies_of_a_model_do_not_carry_the_folded_tower():
+    import copy
+    import pickle
+
+    enc = _encoder_with_real_statistics()
+    _both(enc, torch.randn(1, 3, 64, 64))
+    assert enc._folded._tower is not None
+    assert copy.deepcopy(enc)._folded._tower is None
+    assert pickle.loads(pickle.dumps(enc))._folded._tower is None

@@ -147,3 +147,9 @@ class FoldedTowerCache:
     def clear(self) -> None:
         self._key = self._tower = None
         self.folded = 0
+
+    def __deepcopy__(self, memo: dict) -> FoldedTowerCache:
+        return FoldedTowerCache()  # a copied model folds its own tower when first used
+
+    def __getstate__(self) -> dict:
+        return {"_key": None, "_tower": None, "folded": 0}
