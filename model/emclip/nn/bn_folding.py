@@ -39,18 +39,18 @@ def _is_plain_batchnorm(m: nn.Module) -> bool:
 def _conv_bn_pairs(module: nn.Module, run: Callable[[nn.Module], Any]) -> list[tuple[str, str]]:
     """Names of (Conv2d, BatchNorm) pairs where the BatchNorm's input is the convolution's output."""
     names = {m: n for n, m in module.named_modules()}
-    produced: dict[int, str] = {}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept so its id is not reused
     pairs: list[tuple[str, str]] = []
     uses: dict[str, int] = {}
 
     def after_conv(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        produced[id(out)] = names[m]
+        produced[id(out)] = (names[m], out)
         uses[names[m]] = uses.get(names[m], 0) + 1
 
     def before_bn(m: nn.Module, inp: tuple[Any, ...]) -> None:
         conv = produced.get(id(inp[0]))
-        if conv is not None and _is_plain_batchnorm(m):
-            pairs.append((conv, names[m]))
+        if conv is not None and conv[1] is inp[0] and _is_plain_batchnorm(m):
+            pairs.append((conv[0], names[m]))
 
     hooks = [m.register_forward_hook(after_conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
     hooks += [m.register_forward_pre_hook(before_bn) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
