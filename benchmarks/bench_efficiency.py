@@ -211,7 +211,9 @@ def main() -> None:
                        "cpu_median_s": parts_res["times"][name]["cpu"]["median"],
                        "fraction_of_peak_cpu": f / parts_res["times"][name]["cpu"]["median"] / peak_cpu}
     total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
+    enc.fold_batchnorm = False  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
     kinds = conv_flops_by_kind(model, timed["emclip (cpu-default)"])
+    enc.fold_batchnorm = True
     table, conv_ms = profile_table(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
 
     # --- variants of the default model, side by side
