@@ -171,8 +171,6 @@ class OpenCLIPViTEncoder(ImageEncoder):
         if hasattr(visual, "attn_pool_contrastive"):
             visual.attn_pool_contrastive = None
         super().__init__(visual, freeze)
-        self.fold_batchnorm = True
-        self._folded = FoldedTowerCache()
         self.indices = list(indices)
         self.patch = int(visual.patch_size[0])
         self.width = int(visual.transformer.width)
@@ -210,7 +208,8 @@ class OpenCLIPViTEncoder(ImageEncoder):
 
 class TimmEncoder(ImageEncoder):
     """timm trunk of an open_clip ``TimmModel``: CNN stages (strides 4..32) or, for a timm ViT,
-    the same pyramid as :class:`OpenCLIPViTEncoder`."""
+    the same pyramid as :class:`OpenCLIPViTEncoder`. ``fold_batchnorm`` (default True): a CNN
+    trunk called in eval mode without gradients runs a BatchNorm-folded copy (:mod:`.bn_folding`)."""
 
     def __init__(self, visual: nn.Module, indices: list[int] | None, image_size: int, freeze: bool = False) -> None:
         trunk = visual.trunk
