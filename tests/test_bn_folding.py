@@ -71,6 +71,14 @@ def test_training_and_gradients_use_the_tower_itself():
     with torch.no_grad():
         enc(x)
     assert enc._folded._tower is None
+    # norms switched to training on their own (re-estimating statistics) must see the data
+    enc.eval()
+    bn = enc.visual.trunk.blocks[4][0].bn1
+    bn.train()
+    before = bn.running_mean.clone()
+    with torch.no_grad():
+        enc(x * 2 + 1)
+    assert enc._folded._tower is None and not torch.equal(bn.running_mean, before)
 
 
 class _ConvFeedsNormAndSkip(nn.Module):

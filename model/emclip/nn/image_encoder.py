@@ -260,11 +260,14 @@ class TimmEncoder(ImageEncoder):
         return [f.contiguous(memory_format=fmt) for f in feats]
 
     def _trunk_for_this_call(self, run) -> nn.Module:
-        """Inference without gradients (eval mode, ``fold_batchnorm``) runs a BatchNorm-folded copy
-        of a CNN trunk (:mod:`.bn_folding`, same outputs, fewer passes over memory); training,
-        gradients and ViTs run the trunk itself."""
+        """Inference without gradients (every trunk module in eval mode, ``fold_batchnorm``) runs a
+        BatchNorm-folded copy of a CNN trunk (:mod:`.bn_folding`, same outputs, fewer passes over
+        memory); training (of any module, e.g. norms re-estimating their statistics), gradients and
+        ViTs run the trunk itself."""
         trunk = self.visual.trunk
-        if self.is_vit or self.training or torch.is_grad_enabled() or not self.fold_batchnorm:
+        if self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm:
+            return trunk
+        if any(m.training for m in trunk.modules()):
             return trunk
         return self._folded.get(trunk, run)
 
