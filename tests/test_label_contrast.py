@@ -10,7 +10,6 @@ from emclip.data.label_contrast import random_label_contrast
 from emclip.data.training import PromptedDataset, Source
 from emclip.errors import ConfigError
 from emclip.train.config import from_mapping
-
 from test_data import CARDIAC_YAML, make_dataset
 
 

@@ -22,7 +22,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["random_intensity_remap"]
+__all__ = ["random_intensity_remap", "rescale_to_unit"]
+
+
+def rescale_to_unit(out: np.ndarray, fallback: np.ndarray) -> np.ndarray:
+    """``out`` mapped to [0, 1] (float32, clipped) with its 0.5-99.5 % window, as the inference
+    preprocessing does; a copy of ``fallback`` when that window is flat (below 1e-6)."""
+    lo, hi = (float(v) for v in np.percentile(out, (0.5, 99.5)))
+    if hi - lo < 1e-6:
+        return fallback.copy()
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
 
 
 def _random_network(image: np.ndarray, rng: np.random.Generator, layers: int, width: int) -> np.ndarray:
@@ -85,7 +94,4 @@ def random_intensity_remap(
         other = _blend_and_renormalise(x, _random_network(x, rng, layers, width), rng)
         field = _smooth_field(x.shape[:2], rng)
         out = field * out + (1.0 - field) * other
-    lo, hi = (float(v) for v in np.percentile(out, (0.5, 99.5)))
-    if hi - lo < 1e-6:
-        return x.copy()
-    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return rescale_to_unit(out, fallback=x)

@@ -8,8 +8,8 @@ intensities everywhere. Following the contrast randomisation of SynthSeg (Billot
 Image Analysis 2023), each call draws a random gain and offset **per label value** of the training
 mask (background included), blurs the resulting gain/offset maps so that no artificial step is
 drawn exactly on the label boundary, applies them, and rescales with the robust 0.5-99.5 % window of
-the inference preprocessing. The model then has to find the structures by shape and context, not by
-one fixed contrast between them.
+the inference preprocessing (:func:`emclip.data.intensity_remap.rescale_to_unit`). The model
+then has to find the structures by shape and context, not by one fixed contrast between them.
 
 Deterministic given ``rng``. Works on float RGB ``(H, W, 3)`` in [0, 1] and the integer label map of
 the same height and width; labels are untouched.
@@ -18,6 +18,8 @@ the same height and width; labels are untouched.
 from __future__ import annotations
 
 import numpy as np
+
+from .intensity_remap import rescale_to_unit
 
 __all__ = ["random_label_contrast"]
 
@@ -51,7 +53,4 @@ def random_label_contrast(
     gain_map = cv2.GaussianBlur(gains[index], (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
     offset_map = cv2.GaussianBlur(offsets[index], (0, 0), sigma, borderType=cv2.BORDER_REPLICATE)
     out = x * gain_map[..., None] + offset_map[..., None]
-    lo, hi = (float(v) for v in np.percentile(out, (0.5, 99.5)))
-    if hi - lo < 1e-6:
-        return x.copy()
-    return np.clip((out - lo) / (hi - lo), 0.0, 1.0).astype(np.float32)
+    return rescale_to_unit(out, fallback=x)

@@ -26,7 +26,7 @@ import numpy as np
 
 from ..errors import ConfigError
 from ..prompts import canonical_modality, random_template
-from .augment import AugmentConfig, augment, build_augmentation
+from .augment import STRENGTH_FACTORS, AugmentConfig, augment, build_augmentation
 from .intensity_remap import random_intensity_remap
 from .label_contrast import random_label_contrast
 
@@ -283,7 +283,7 @@ class PromptedDataset:
 
 def _jitter_sequences(image: np.ndarray, rng: np.random.Generator, strength: str) -> np.ndarray:
     """Independent gamma and contrast jitter per present (non-zero) sequence of ``[H, W, S]`` in [0, 1]."""
-    k = {"none": 0.0, "light": 0.5, "default": 1.0, "strong": 1.5}.get(strength, 1.0)
+    k = STRENGTH_FACTORS.get(strength, 1.0)
     if k == 0:
         return image
     out = image.copy()

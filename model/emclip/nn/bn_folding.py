@@ -144,12 +144,8 @@ class FoldedTowerCache:
             self._key = key
         return self._tower
 
-    def clear(self) -> None:
-        self._key = self._tower = None
-        self.folded = 0
-
     def __deepcopy__(self, memo: dict) -> FoldedTowerCache:
         return FoldedTowerCache()  # a copied model folds its own tower when first used
 
     def __getstate__(self) -> dict:
-        return {"_key": None, "_tower": None, "folded": 0}
+        return FoldedTowerCache().__dict__

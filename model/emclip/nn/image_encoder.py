@@ -265,9 +265,8 @@ class TimmEncoder(ImageEncoder):
         memory); training (of any module, e.g. norms re-estimating their statistics), gradients and
         ViTs run the trunk itself."""
         trunk = self.visual.trunk
-        if self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm:
-            return trunk
-        if any(m.training for m in trunk.modules()):
+        if (self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm
+                or any(m.training for m in trunk.modules())):
             return trunk
         return self._folded.get(trunk, run)
 
