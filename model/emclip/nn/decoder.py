@@ -239,7 +239,10 @@ class TextGuidedPixelDecoder(nn.Module):
             padding = ~prompt_mask
             for block in self.blocks:
                 tokens = block(tokens, t, padding)
-            x = tokens.transpose(1, 2).reshape(b, c, h, w)
+            # back on the grid as a channels-last view with canonical strides (transpose + reshape
+            # gives a batch of one strides torch does not take for channels-last): the top-down
+            # path below then stays channels-last (NCHW bilinear upsampling is ~15x slower on the CPU)
+            x = tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
         for i in reversed(range(len(feats) - 1)):
             lateral = self.laterals[i](feats[i])
             x = F.interpolate(x, size=lateral.shape[-2:], mode="bilinear", align_corners=False) + lateral
