@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from contextlib import contextmanager
 
 import common
 
@@ -90,6 +91,16 @@ def profile_table(fn, calls: int) -> tuple[list[dict], dict[str, float]]:
     conv_ms["all_ops"] = total / 1000.0 / calls
     del torch
     return table, dict(conv_ms)
+
+
+@contextmanager
+def batchnorms_unfolded(encoder):
+    """Run ``encoder``'s own tower, not its BatchNorm-folded inference copy (emclip/nn/bn_folding.py)."""
+    encoder.fold_batchnorm = False
+    try:
+        yield
+    finally:
+        encoder.fold_batchnorm = True
 
 
 def minor_faults_per_call(fn, calls: int) -> float | None:
@@ -231,9 +242,8 @@ def main() -> None:
                        "cpu_median_s": parts_res["times"][name]["cpu"]["median"],
                        "fraction_of_peak_cpu": f / parts_res["times"][name]["cpu"]["median"] / peak_cpu}
     total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
-    enc.fold_batchnorm = False  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
-    kinds = conv_flops_by_kind(model, timed["emclip (cpu-default)"])
-    enc.fold_batchnorm = True
+    with batchnorms_unfolded(enc):  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
+        kinds = conv_flops_by_kind(model, timed["emclip (cpu-default)"])
     table, conv_ms = profile_table(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
     faults = minor_faults_per_call(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
 
@@ -252,12 +262,8 @@ def main() -> None:
         variants["bf16 autocast"] = bf16
 
         def unfolded():  # what eager fp32 was before the BatchNorms were folded (emclip/nn/bn_folding.py)
-            enc.fold_batchnorm = False
-            try:
-                with torch.inference_mode():
-                    return model(x, emb_d)
-            finally:
-                enc.fold_batchnorm = True
+            with batchnorms_unfolded(enc), torch.inference_mode():
+                return model(x, emb_d)
 
         variants["BatchNorms not folded"] = unfolded
         x4 = x.expand(4, -1, -1, -1).contiguous()
