@@ -296,7 +296,9 @@ def test_unet_baseline_through_the_same_trainer(toy_root, tmp_path):
     result = train(toy_config(toy_root, out, model="unet-tiny", epochs=1, steps_per_epoch=2,
                               prompts={"synonym_p": 1.0, "cross_negatives": 2}))
     assert result.steps_done == 2 and (out / "best" / "model.safetensors").is_file()
-    assert json.loads((out / "best" / "config.json").read_text())["arch"] == "unet"
+    saved = json.loads((out / "best" / "config.json").read_text())
+    assert saved["arch"] == "unet"
+    assert saved["test_time_mirror"] is True  # trained with flips (the default): mirrored at inference
     with pytest.raises(ConfigError, match="no class for"):
         bad = toy_config(toy_root, tmp_path / "bad", model="unet-tiny")
         bad["model_overrides"] = {"class_names": ["optic disc"]}
@@ -307,6 +309,16 @@ def test_unet_baseline_through_the_same_trainer(toy_root, tmp_path):
 
 
 @pytest.mark.slow
+def test_training_without_flips_saves_a_model_that_does_not_mirror(toy_root, tmp_path):
+    from emclip.inference import load_model
+    from emclip.train.trainer import train
+
+    out = tmp_path / "noflip"
+    train(toy_config(toy_root, out, model="unet-tiny", epochs=1, steps_per_epoch=1, augment={"flips": False}))
+    assert json.loads((out / "best" / "config.json").read_text())["test_time_mirror"] is False
+    assert load_model(out / "best").config.test_time_mirror is False
+
+
 def test_ddp_gloo_two_ranks_matches_single_process(toy_root, tmp_path):
     import yaml
     from emclip.train.trainer import train

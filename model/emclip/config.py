@@ -205,7 +205,10 @@ class ModelConfig:
     closed-vocabulary U-Net only. ``fusion``: multi-sequence MRI input (FusionConfig). ``known_structures`` maps a modality key (emclip.modality) to
     the structures the model was trained on (set by the trainer; used by prompt-free segment).
     ``single_object``: structures that are one connected object in a 2D image; their masks keep
-    only the main connected component (:mod:`emclip.postprocess`; default empty = off)."""
+    only the main connected component (:mod:`emclip.postprocess`; default empty = off).
+    ``test_time_mirror``: average every inference pass with a left-right mirrored pass (one batch
+    of two; :mod:`emclip.inference.runner`). None (default) = the trainer sets it to whether
+    training used horizontal flips; a None left at inference means off."""
 
     arch: str = "emclip"
     name: str = "custom"
@@ -223,6 +226,7 @@ class ModelConfig:
     known_structures: dict[str, list[str]] = field(default_factory=dict)
     single_object: list[str] = field(default_factory=list)
     fusion: FusionConfig = field(default_factory=FusionConfig)
+    test_time_mirror: bool | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-ready dict (tuples become lists); ``from_dict`` restores an equal config."""

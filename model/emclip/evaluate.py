@@ -167,6 +167,7 @@ def evaluate(
     model_name: str | None = None,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    mirror: bool | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` (instance, checkpoint folder or config name) on dataset folders.
 
@@ -176,12 +177,14 @@ def evaluate(
     images (cases for volumes) per dataset. ``progress(done, total)`` counts images;
     ``cancel()`` is polled between images. ``channels`` (NIfTI datasets only; default None: for a
     fusion model every dataset sequence it knows, else the first sequence as before): the
-    sequences to feed, e.g. ``["flair"]``; several need a model with fusion. Returns the dict
-    described in the module docstring.
+    sequences to feed, e.g. ``["flair"]``; several need a model with fusion. ``mirror``: as in
+    :func:`emclip.segment` (None = the model's default). Returns the dict described in the
+    module docstring.
     """
     from .data.folder import open_dataset
     from .data.splits import split_dataset
     from .inference import load_model
+    from .inference.options import check_mirror
 
     if prompt_set not in PROMPT_SETS:
         raise DatasetError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
@@ -189,6 +192,7 @@ def evaluate(
         raise InvalidArgumentError(
             f"limit must be a whole number >= 1 (at most that many images per dataset) or None for all, got {limit!r}"
         )
+    check_mirror(mirror)
     wanted = _check_channels(channels)
     paths = [Path(d).expanduser() for d in datasets]
     keys = _dataset_key(paths)
@@ -224,6 +228,7 @@ def evaluate(
     done = 0
     report(progress, 0, total)
     results: dict[str, Any] = {}
+    options = {"threshold": threshold, "mirror": mirror}  # passed on to segment / segment_stack
     for key, (ds, units, _), feed in zip(keys, plans, feeds):
         spec = ds.spec
         asked = _prompts_for(spec, prompt_set, accepts)
@@ -235,9 +240,9 @@ def evaluate(
             check_cancel(cancel)
             try:
                 if spec.kind == "volume":
-                    probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, threshold, feed)
+                    probs_masks, targets, spacing = _run_volume(net, ds, unit, flat, options, feed)
                 else:
-                    probs_masks, targets, spacing = _run_image(net, ds, unit, flat, threshold)
+                    probs_masks, targets, spacing = _run_image(net, ds, unit, flat, options)
             except InvalidImageError as exc:  # about this image: say which one
                 named = _naming_the_input(exc, ds, unit)
                 if named is None:
@@ -294,23 +299,23 @@ def _nanmean(values: list[float]) -> float:
     return float(np.mean(ok)) if ok else math.nan
 
 
-def _run_image(net, ds, i: int, prompts: list[str], threshold: float):
+def _run_image(net, ds, i: int, prompts: list[str], options: dict[str, Any]):
     from .inference import segment
 
     sample = ds[i]
-    res = segment(sample.image, prompts, net, modality=sample.spec.modality, threshold=threshold)
+    res = segment(sample.image, prompts, net, modality=sample.spec.modality, **options)
     return _by_prompt(res, prompts), sample.structure_masks(), sample.spacing
 
 
-def _run_volume(net, ds, case: str, prompts: list[str], threshold: float, channels: list[str] | None = None):
+def _run_volume(net, ds, case: str, prompts: list[str], options: dict[str, Any], channels: list[str] | None = None):
     from .inference import segment_stack
 
     image, labels, ax, zooms = ds.case_volume(case)
     if channels is None:
-        res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, threshold=threshold)
+        res = segment_stack(image, prompts, net, axis=ax, modality=ds.spec.modality, **options)
     else:
         res = segment_stack(ds.case_sequences(case, channels), prompts, net, axis=ax,
-                            channel_axis=-1, channels=channels, modality=ds.spec.modality, threshold=threshold)
+                            channel_axis=-1, channels=channels, modality=ds.spec.modality, **options)
     return _by_prompt(res, prompts), ds.spec.structure_masks(labels), tuple(zooms)
 
 

@@ -388,7 +388,7 @@ def _locating_pass(
     """One pass over ``arr`` shrunk to ``LOCATE_SIDE_FACTOR`` network sides, asking ``prompts``
     plus "optic disc" (unless among them), then the disc of the disc probability map
     (:func:`disc_from_probability` with ``locate_threshold``). ``min_area`` applies only when
-    the image was not shrunk (else 0). ``options``: modality, device, batch_size, progress, cancel."""
+    the image was not shrunk (else 0). ``options``: modality, device, batch_size, progress, cancel, mirror."""
     disc_index = next((i for i, p in enumerate(prompts) if canonical_name(p) == LOCATE_PROMPT), None)
     asked = list(prompts)
     if disc_index is None:
@@ -606,6 +606,7 @@ def segment_fundus(
     crop_ratio: float = CROP_TO_DISC_RATIO,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    mirror: bool | None = None,
 ) -> SegmentationResult:
     """Segment ``prompts`` in a fundus ``image`` coarse to fine (see the module docstring).
 
@@ -659,6 +660,7 @@ def segment_fundus(
         "device": device,
         "batch_size": batch_size,
         "cancel": cancel,
+        "mirror": mirror,
     }
 
     stages = _Stages(progress, 2)
@@ -755,6 +757,7 @@ def segment_fundus(
             "modality": pass_modality,
             "coarse_to_fine": record,
             "single_object": single_object_prompts(prompt_list, single),
+            "mirror": fine.info.get("mirror"),
         },
         **summary,
     )

@@ -101,6 +101,7 @@ def segment_volume(
     batch_size: int = 4,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    mirror: bool | None = None,
 ) -> Any:
     """Segment a 3D volume slice by slice along an anatomical ``axis``.
 
@@ -132,6 +133,7 @@ def segment_volume(
         "batch_size": batch_size,
         "progress": progress,
         "cancel": cancel,
+        "mirror": mirror,
     }
     if names is not None and supports_channels():
         # named sequences: per-sequence windows + the model's fusion (a model without fusion takes one)

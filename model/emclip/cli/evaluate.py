@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from .common import positive_int, progress_bar, sigint_cancels
+from .common import add_mirror_flag, positive_int, progress_bar, sigint_cancels
 
 NAME = "evaluate"
 
@@ -37,6 +37,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                         help="NIfTI datasets: sequences to feed, e.g. flair,t1ce or flair (default: a fusion model "
                              "gets every dataset sequence it knows, other models the first one)")
     parser.add_argument("--split-seed", type=int, default=0, help="seed of random splits (default 0, as in training)")
+    add_mirror_flag(parser)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.set_defaults(func=run)
     return parser
@@ -55,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
             results = evaluate(args.model, args.data, split=args.split, prompt_set=args.prompt_set,
                                device=args.device, threshold=args.threshold, limit=args.limit, axis=args.axis,
                                channels=args.channels, split_seed=args.split_seed, model_name=str(args.model), progress=progress,
-                               cancel=cancel)
+                               cancel=cancel, mirror=args.mirror)
     finally:
         bar.close()
     table = to_markdown(results)

@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from .common import check_out_dir, progress_bar
+from .common import add_mirror_flag, check_out_dir, progress_bar
 from .common import sigint_cancels as _sigint_cancels
 
 NAME = "segment"
@@ -160,6 +160,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="never crop around the optic disc of a whole fundus photograph (default: automatic "
         "for optic disc/cup/rim prompts)",
     )
+    add_mirror_flag(parser)
     parser.add_argument("--no-overlay", action="store_true", help="do not write the overlay PNGs")
     parser.add_argument(
         "--all-components",
@@ -423,6 +424,7 @@ def _segment_file(
         channel_axis=args.channel_axis,
         progress=progress,
         cancel=cancel,
+        mirror=args.mirror,
     )
     if getattr(args, "exemplar_list", None):
         options.update(exemplars=args.exemplar_list, exemplar_mode=args.exemplar_mode)

@@ -152,6 +152,7 @@ def _segment_case(
             min_area=args.min_area,
             progress=progress,
             cancel=cancel,
+            mirror=args.mirror,
         )
     finally:
         bar.close()

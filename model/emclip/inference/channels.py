@@ -40,8 +40,10 @@ from .runner import (
     Steps,
     cluster_labels,
     inference_state,
+    model_mirrors,
     probabilities,
     responsibilities,
+    run_mirrored,
     similarity,
 )
 
@@ -138,14 +140,15 @@ def _prepare(arr: np.ndarray, names: list[str], layout: list[str]) -> tuple[np.n
     return to_layout(np.stack(planes, axis=-1), names, layout), windows
 
 
-def _forward(net: Any, dev: torch.device, slices: list[np.ndarray], prompts: list[str], modality: str | None):
+def _forward(net: Any, dev: torch.device, slices: list[np.ndarray], prompts: list[str], modality: str | None,
+             mirror: bool):
     boxed, geos = [], []
     for s in slices:
         b, g = letterbox(s, int(net.image_size))
         boxed.append(b)
         geos.append(g)
     x = torch.from_numpy(np.stack(boxed)).to(dev).permute(0, 3, 1, 2).contiguous()
-    return net.predict_logits(x, prompts, modality=modality), geos
+    return run_mirrored(lambda images: net.predict_logits(images, prompts, modality=modality), x, mirror), geos
 
 
 def segment_channels(
@@ -165,6 +168,7 @@ def segment_channels(
     batch_size: int = 4,
     progress: ProgressCallback | None = None,
     cancel: CancelCallback | None = None,
+    mirror: bool | None = None,
 ) -> SegmentationResult | tuple[np.ndarray, int | None]:
     """The ``channels`` path of :func:`segment` (``stack=False``) and :func:`segment_stack`.
 
@@ -215,6 +219,7 @@ def segment_channels(
     from .stacks import _summarise_stack
 
     steps = Steps(progress, z)
+    use_mirror = model_mirrors(net) if mirror is None else bool(mirror)
     probs = np.zeros((len(prompts), z) + hw, dtype=np.float32)
     clusters = np.zeros((z,) + hw, dtype=np.int32)
     sims: list[np.ndarray] = []
@@ -222,7 +227,7 @@ def segment_channels(
         for k in range(0, z, batch):
             check_cancel(cancel)
             idx = list(range(k, min(z, k + batch)))
-            out, geos = _forward(net, dev, [data[i] for i in idx], prompts, modality)
+            out, geos = _forward(net, dev, [data[i] for i in idx], prompts, modality, use_mirror)
             for j, (i, geo) in enumerate(zip(idx, geos)):
                 probs[:, i] = probabilities(out.logits[j, : len(prompts)], geo)
                 clusters[i] = cluster_labels(responsibilities(out, j), geo, hw)
@@ -234,7 +239,7 @@ def segment_channels(
     info = {"tile_size": None, "modality": modality, "channels": names, "ignored_channels": ignored,
             "single_object": single_object_prompts(prompts, single),
             "intensity_windows": windows,
-            "fusion_sequences": layout}
+            "fusion_sequences": layout, "mirror": use_mirror}
     sim = np.mean(np.stack(sims), axis=0).astype(np.float32) if sims and sims[0].size else np.zeros((0, len(prompts)), np.float32)
     common = {"prompts": prompts, "cluster_similarity": sim, "threshold": t, "min_area": area, "tiled": False, "device": str(dev), "info": info}
     if not stack:

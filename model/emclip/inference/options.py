@@ -61,6 +61,15 @@ def check_min_area(min_area: Optional[int], hw: tuple[int, int]) -> int:
     return int(min_area)
 
 
+def check_mirror(mirror: Optional[bool]) -> Optional[bool]:
+    """``mirror`` as given if it is None (the model's default) or a bool, else :class:`InvalidArgumentError`."""
+    if mirror is None or isinstance(mirror, (bool, np.bool_)):
+        return None if mirror is None else bool(mirror)
+    raise InvalidArgumentError(
+        f"mirror must be True, False or None (the model's default), got {mirror!r}"
+    )
+
+
 def check_batch_size(batch_size: int) -> int:
     """``batch_size`` as an int >= 1, else :class:`InvalidArgumentError`."""
     if (

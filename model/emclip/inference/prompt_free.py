@@ -120,7 +120,7 @@ def segment_everything(image: np.ndarray, model: Any = None, *, modality: str | 
                        threshold: float = 0.5, channel_axis: int | None = None, device: Any = None,
                        tile_size: int | None = None, min_area: int | None = None, batch_size: int = 4,
                        progress: Any = None, cancel: Any = None,
-                       coarse_to_fine: bool | None = None) -> SegmentationResult:
+                       coarse_to_fine: bool | None = None, mirror: bool | None = None) -> SegmentationResult:
     """:func:`emclip.segment` with ``prompts=None`` (see the module docstring)."""
     from .single_image import segment
 
@@ -135,7 +135,7 @@ def segment_everything(image: np.ndarray, model: Any = None, *, modality: str | 
         structures, text, info = choose_structures(net, [arr], modality, None)
     result = segment(image, structures, net, modality=text, threshold=threshold, channel_axis=channel_axis,
                      device=dev, tile_size=tile_size, min_area=min_area, batch_size=batch_size,
-                     progress=progress, cancel=cancel, coarse_to_fine=coarse_to_fine)
+                     progress=progress, cancel=cancel, coarse_to_fine=coarse_to_fine, mirror=mirror)
     return keep_found(result, info)
 
 
@@ -153,7 +153,8 @@ def segment_stack_everything(volume: np.ndarray, model: Any = None, *, axis: int
                              modality: str | None = None, threshold: float = 0.5,
                              channel_axis: int | None = None, device: Any = None,
                              tile_size: int | None = None, min_area: int | None = None,
-                             batch_size: int = 4, progress: Any = None, cancel: Any = None) -> SegmentationResult:
+                             batch_size: int = 4, progress: Any = None, cancel: Any = None,
+                             mirror: bool | None = None) -> SegmentationResult:
     """:func:`emclip.segment_stack` with ``prompts=None``; the modality is recognised from
     :data:`STACK_RECOGNITION_SLICES` central slices (class probabilities averaged)."""
     from .stacks import _stack_view, segment_stack
@@ -178,5 +179,5 @@ def segment_stack_everything(volume: np.ndarray, model: Any = None, *, axis: int
     info["recognition_slices"] = picked or None
     result = segment_stack(volume, structures, net, axis=axis, modality=text, threshold=threshold,
                            channel_axis=channel_axis, device=dev, tile_size=tile_size, min_area=min_area,
-                           batch_size=batch_size, progress=progress, cancel=cancel)
+                           batch_size=batch_size, progress=progress, cancel=cancel, mirror=mirror)
     return keep_found(result, info)

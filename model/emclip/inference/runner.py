@@ -1,6 +1,8 @@
 """Running batches through the network and turning its outputs into arrays on the image grid.
 
-:class:`Runner` knows the model, its normalisation, the prompts and the device;
+:class:`Runner` knows the model, its normalisation, the prompts, the device and whether to
+mirror (:func:`run_mirrored`: each image and its left-right mirror in one batch, the logits
+averaged; the bundled model was trained with flips, so this is its default, see BENCHMARKS.md);
 :func:`inference_state` puts the model in eval mode for a call and restores it afterwards;
 :class:`Steps` reports progress monotonically.
 """
@@ -8,7 +10,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Optional, Sequence
+import dataclasses
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -59,8 +62,36 @@ def inference_state(net: torch.nn.Module, device: torch.device) -> Iterator[None
             net.train(was_training)
 
 
+def model_mirrors(net: Any) -> bool:
+    """The model's default for ``mirror``: its config's ``test_time_mirror`` (None = off)."""
+    return bool(getattr(getattr(net, "config", None), "test_time_mirror", None))
+
+
+def run_mirrored(call: Callable[[torch.Tensor], Any], x: torch.Tensor, mirror: bool) -> Any:
+    """``call(x)`` for ``x [B, C, H, W]``; with ``mirror``, one call on ``[x, flip(x)]`` (2B images):
+    the logits become the mean of the plain pass and the mirrored pass flipped back; the other
+    per-image outputs (EM responsibilities, cluster similarity, aux) are the plain pass's, since
+    the EM bases of two passes are not the same clusters."""
+    if not mirror:
+        return call(x)
+    n = x.shape[0]
+    out = call(torch.cat([x, x.flip(-1)]))
+
+    def plain(t: Any) -> Any:
+        return t[:n] if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == 2 * n else t
+
+    return dataclasses.replace(
+        out,
+        logits=0.5 * (out.logits[:n] + out.logits[n:].flip(-1)),
+        prompt_mask=plain(out.prompt_mask),
+        responsibilities=plain(out.responsibilities),
+        cluster_text_similarity=plain(out.cluster_text_similarity),
+        aux={k: plain(v) for k, v in out.aux.items()},
+    )
+
+
 class Runner:
-    """Runs batches through the network; knows the normalisation, prompts and device."""
+    """Runs batches through the network; knows the normalisation, prompts, device and mirroring."""
 
     def __init__(
         self,
@@ -69,11 +100,14 @@ class Runner:
         prompts: list[str],
         modality: Optional[str],
         prompt_keys: Any = None,
+        mirror: bool = False,
     ):
         """``prompt_keys``: decoder-space prompts (emclip.nn.DecoderPrompts ``[P, ...]``, one per
-        name in ``prompts``) used instead of encoding ``prompts`` as text (exemplars)."""
+        name in ``prompts``) used instead of encoding ``prompts`` as text (exemplars).
+        ``mirror``: average every pass with its left-right mirror (:func:`run_mirrored`)."""
         self.net, self.prompts, self.modality = net, prompts, modality
         self.prompt_keys = prompt_keys
+        self.mirror = bool(mirror)
         self.size = int(net.image_size)
         self.dtype = model_dtype(net)
         self.set_device(device)
@@ -96,8 +130,10 @@ class Runner:
         # keep it, others accept any strides
         x = ((x - self.mean) / self.std).to(self.dtype)
         if self.prompt_keys is not None:
-            return self.net(x, self.prompt_keys.to(self.device))
-        return self.net.predict_logits(x, self.prompts, modality=self.modality)
+            keys = self.prompt_keys.to(self.device)
+            return run_mirrored(lambda images: self.net(images, keys), x, self.mirror)
+        return run_mirrored(lambda images: self.net.predict_logits(images, self.prompts, modality=self.modality),
+                            x, self.mirror)
 
 
 def probabilities(logits: torch.Tensor, geo: Any) -> np.ndarray:

@@ -24,6 +24,7 @@ from .options import (
     auto_tile_size,
     check_batch_size,
     check_min_area,
+    check_mirror,
     check_modality,
     check_threshold,
 )
@@ -34,6 +35,7 @@ from .runner import (
     Steps,
     cluster_labels,
     inference_state,
+    model_mirrors,
     probabilities,
     responsibilities,
     similarity,
@@ -121,6 +123,7 @@ def segment_stack(
     exemplars: "Sequence[Exemplar] | TemplateBank | None" = None,
     exemplar_mode: str = "combine",
     channels: Optional[Sequence[str]] = None,
+    mirror: Optional[bool] = None,
 ) -> SegmentationResult:
     """Segment a 3D stack slice by slice along ``axis`` (default 0).
 
@@ -139,8 +142,9 @@ def segment_stack(
     volume (e.g. ["flair", "t1ce"]): each sequence is normalised with its own window over the
     whole volume and fed to the model's modality fusion; a model without fusion takes exactly
     one (see :mod:`.channels`). ``axis`` then counts spatial axes only. Not combined with
-    exemplars or prompt-free mode.
+    exemplars or prompt-free mode. ``mirror``: as in :func:`segment` (None = the model's default).
     """
+    mirror = check_mirror(mirror)
     if channels is not None:  # named MRI sequences (inference/channels.py)
         from ..prompts import parse_prompts as _parse
         from .channels import segment_channels
@@ -150,7 +154,7 @@ def segment_stack(
         got = segment_channels(volume, _parse(prompts), model, channels, stack=True, axis=axis,
                                modality=modality, threshold=threshold, channel_axis=channel_axis, device=device,
                                tile_size=tile_size, min_area=min_area, batch_size=batch_size, progress=progress,
-                               cancel=cancel)
+                               cancel=cancel, mirror=mirror)
         if isinstance(got, SegmentationResult):
             return got
         volume, channel_axis = got  # one channel for a model without fusion: the grey path below
@@ -161,7 +165,7 @@ def segment_stack(
         return segment_stack_everything(
             volume, model, axis=axis, modality=modality, threshold=threshold,
             channel_axis=channel_axis, device=device, tile_size=tile_size, min_area=min_area,
-            batch_size=batch_size, progress=progress, cancel=cancel,
+            batch_size=batch_size, progress=progress, cancel=cancel, mirror=mirror,
         )
     mode = check_exemplar_mode(exemplar_mode)
     text_list = text_prompt_list(prompts, exemplar_list)
@@ -197,7 +201,8 @@ def segment_stack(
         keys = None
         if exemplar_list:
             keys = prompt_keys(net, text_list, prompt_list, exemplar_list, modality, mode, dev, model_dtype(net))
-        runner = Runner(net, dev, prompt_list, modality, prompt_keys=keys)
+        use_mirror = model_mirrors(net) if mirror is None else mirror
+        runner = Runner(net, dev, prompt_list, modality, prompt_keys=keys, mirror=use_mirror)
         k = 0
         while k < z:
             check_cancel(cancel)
@@ -238,7 +243,7 @@ def segment_stack(
     )
     steps.finish()
     info = {"tile_size": plan.tile, "intensity_range": window, "modality": modality,
-            "single_object": single_object_prompts(prompt_list, single)}
+            "single_object": single_object_prompts(prompt_list, single), "mirror": use_mirror}
     if exemplar_list:
         info["exemplars"] = exemplar_info(exemplar_list, mode)
     return SegmentationResult(

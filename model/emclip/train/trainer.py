@@ -522,6 +522,8 @@ def _train(cfg: TrainConfig, device: torch.device, info: ddp.DistInfo, resume: b
     model.config.known_structures = merge_known_structures(
         model.config.known_structures, [(s.dataset.spec.modality, s.dataset.spec.structure_names) for s in train_sources]
     )
+    if model.config.test_time_mirror is None:  # a model trained on mirrored images is mirrored at inference
+        model.config.test_time_mirror = bool(cfg.augment.flips)
     known = known_prompt_checker(model)
     prompt_cfg = cfg.prompts
     if prompt_cfg.templates and not uses_templates(model):
