@@ -3,7 +3,9 @@
 The prompts are "optic disc, optic cup" with modality fundus. For those, ``segment`` by default
 runs the fundus coarse-to-fine path (a locating pass, then, for a whole photograph, a second
 pass on a crop around the disc: :mod:`emclip.fundus`); the model comparison uses one plain pass
-(``coarse_to_fine=False``) and the default call is timed as its own variant.
+(``coarse_to_fine=False``) and the default call is timed as its own variant. The bundled model
+mirrors by default (``segment(mirror=None)``: the image and its left-right mirror in one batch of
+two, see :mod:`emclip.inference.runner`); its plain pass (``mirror=False``) is timed beside it.
 
 Side by side in one run (interleaved rounds): the default EM-CLIP (cpu-default), the same-budget
 U-Net baseline and the CLIP ViT-B/16 configuration at the same 256 px input (random weights).
@@ -17,6 +19,7 @@ first call, and the same on CUDA when a GPU is present (skipped otherwise, and s
 
 from __future__ import annotations
 
+import inspect
 import time
 
 import common
@@ -49,9 +52,16 @@ def stage_breakdown(model, image, prompts, modality, repeats, warmup):
         window = intensity_range(image)
         letterbox(to_float_rgb(image, intensity_range=window), model.image_size)
 
-    def net():
+    try:
+        from emclip.inference.runner import model_mirrors, run_mirrored
+        mirror = model_mirrors(model)
+    except ImportError:  # an older checkout: one plain pass
+        mirror, run_mirrored = False, None
+
+    def net():  # as segment() runs it: the mirrored pair for models that mirror by default
         with torch.inference_mode():
-            return model.predict_logits(x, prompts, modality=modality)
+            call = lambda i: model.predict_logits(i, prompts, modality=modality)  # noqa: E731
+            return run_mirrored(call, x, True) if mirror else call(x)
 
     with torch.inference_mode():
         out = net()
@@ -104,6 +114,12 @@ def main() -> None:
         name: (lambda m=m: emclip.segment(image, prompts, model=m, modality=modality, device="cpu", **single))
         for name, m in models.items()
     }
+    # segment() mirrors by default for models trained with flips (the bundled one): the row
+    # above is that default; this one is the plain pass of the same model
+    has_mirror = "mirror" in inspect.signature(emclip.segment).parameters
+    if has_mirror:
+        seg["emclip mirror=False"] = lambda: emclip.segment(image, prompts, model=emclip_model, modality=modality,
+                                                            device="cpu", mirror=False, **single)
     default_info = None
     if single:
         try:
@@ -125,6 +141,16 @@ def main() -> None:
                 m.predict_logits(x, prompts, modality=modality)
 
         nets[name] = fwd
+    if has_mirror:
+        from emclip.inference.runner import run_mirrored
+
+        x, _ = prepared_input(emclip_model, image)
+
+        def pair(x=x):
+            with torch.inference_mode():
+                run_mirrored(lambda i: emclip_model.predict_logits(i, prompts, modality=modality), x, True)
+
+        nets["emclip (cpu-default)"], nets["emclip mirror=False"] = pair, nets["emclip (cpu-default)"]
     net_res = common.interleaved(nets, rounds, warmup, baseline="emclip (cpu-default)")
     stages = stage_breakdown(emclip_model, image, prompts, modality, max(3, rounds // 2), warmup)
 

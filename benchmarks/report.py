@@ -63,8 +63,11 @@ def main() -> None:
     if "latency" in r:
         x = r["latency"]
         s = x["segment"]["times"]["emclip (cpu-default)"]
-        rows.append(("`emclip.segment`, 512x512 RGB, 2 prompts, warm, 2 threads (one pass)", iqr(s), "<= 300 ms",
-                     verdict(x["meets_target"]) + best_verdict(x)))
+        rows.append(("`emclip.segment`, 512x512 RGB, 2 prompts, warm, 2 threads (one pass; the mirrored pair where the model mirrors)",
+                     iqr(s), "<= 300 ms", verdict(x["meets_target"]) + best_verdict(x)))
+        p = x["segment"]["times"].get("emclip mirror=False")
+        if p is not None:
+            rows.append(("same, `mirror=False` (one plain pass)", iqr(p), "<= 300 ms", verdict(p["median"] <= 0.3)))
         d = x["segment"]["times"].get("emclip default (auto coarse-to-fine)")
         if d is not None:
             rows.append(("same, default call (fundus coarse-to-fine: locate + crop pass)", iqr(d), "<= 300 ms",
@@ -91,6 +94,12 @@ def main() -> None:
                          f"{b.get('fraction_of_peak_best', float('nan')):.2f} best-of-N"), ">= 0.5",
                          verdict(b["fraction_of_peak"] >= 0.5) + ("" if b["fraction_of_peak"] >= 0.5 else
                          f" (best-of-N: {verdict(b.get('fraction_of_peak_best', 0) >= 0.5)})")))
+        mp = next((k for k in v if k.startswith("mirror pair")), None)
+        if mp is not None:
+            b = v[mp]
+            rows.append(("same, the mirrored pair segment() runs for the bundled model (batch 2)",
+                         (f"{b['fraction_of_peak']:.2f} by medians; {b.get('fraction_of_peak_best', float('nan')):.2f} best-of-N"),
+                         ">= 0.5", verdict(b["fraction_of_peak"] >= 0.5)))
     if "stack" in r:
         x = r["stack"]
         s = x["results"]["times"]["emclip batch 4 (default)"]
@@ -123,7 +132,16 @@ def main() -> None:
         print("\nSide by side (interleaved rounds, same process; ratio = median of per-round ratios to EM-CLIP):\n")
         print("| Model | `segment` 512x512 | ratio | network alone (256 px) | ratio | GFLOP | fraction of peak (median; best) |")
         print("|---|---|---|---|---|---|---|")
-        eff = r.get("efficiency", {}).get("models", {})
+        eff = dict(r.get("efficiency", {}).get("models", {}))
+        variants = (r.get("efficiency", {}).get("emclip_variants") or {}).get("times", {})
+        pair = next((v for k, v in variants.items() if k.startswith("mirror pair")), None)
+        if "emclip mirror=False" in x["segment"]["times"] and "emclip (cpu-default)" in eff:
+            # the default EM-CLIP call runs the mirrored pair; its plain pass is the batch-1 forward
+            plain = eff.pop("emclip (cpu-default)")
+            eff["emclip mirror=False"] = plain
+            if pair is not None:
+                eff["emclip (cpu-default)"] = {"gflops": 2 * plain["gflops"], "fraction_of_peak": pair["fraction_of_peak"],
+                                               "fraction_of_peak_best": pair.get("fraction_of_peak_best", float("nan"))}
         for name, s in x["segment"]["times"].items():
             n = x["network_only"]["times"].get(name)
             e = eff.get(name, {})
