@@ -8,7 +8,7 @@ passes over memory from each EfficientNet-Lite0 forward (see BENCHMARKS.md, issu
 The pairs are found by running the tower once and watching which convolution output goes
 straight into which BatchNorm, so no architecture is hard-coded; the folded copy is then checked
 against the original on the same input and discarded if it differs (:func:`fold_batchnorms`).
-:class:`FoldedTowerCache` keeps one folded copy and rebuilds it when any weight of the original
+:class:`FoldedTowerCache` keeps the folded copy and rebuilds it when any weight of the original
 changes (fine-tuning, ``load_state_dict``, ``.to()``), so training always sees the real tower.
 """
 
@@ -125,23 +125,37 @@ def _weights_key(module: nn.Module) -> tuple:
 
 
 class FoldedTowerCache:
-    """One BatchNorm-folded copy of a tower, rebuilt when the tower's weights change.
+    """A BatchNorm-folded copy of a tower (one per ``prepack`` setting), rebuilt when the tower's
+    weights change; with ``prepack`` its convolutions also keep their weights in oneDNN's layout
+    (:mod:`.conv_prepacking`).
 
     Not an ``nn.Module`` on purpose: the copy is neither in the owner's ``state_dict`` nor in its
     ``parameters()``, so saving, fine-tuning and optimisers only ever see the original.
     """
 
     def __init__(self) -> None:
-        self._key: tuple | None = None
+        self._built: dict[bool, tuple[tuple, nn.Module, int, int]] = {}  # prepack -> (key, copy, folded, prepacked)
         self._tower: nn.Module | None = None
         self.folded = 0
+        self.prepacked = 0
 
-    def get(self, tower: nn.Module, run: Callable[[nn.Module], Any]) -> nn.Module:
-        """The folded copy of ``tower`` (built with ``run``, see :func:`fold_batchnorms`)."""
+    def get(self, tower: nn.Module, run: Callable[[nn.Module], Any], prepack: bool = False) -> nn.Module:
+        """The folded copy of ``tower`` (built with ``run``, see :func:`fold_batchnorms`); with
+        ``prepack``, its convolutions prepacked (:func:`.conv_prepacking.prepack_convolutions`).
+        One copy is kept per value of ``prepack``, so switching it back and forth rebuilds nothing."""
         key = _weights_key(tower)
-        if self._tower is None or key != self._key:
-            self._tower, self.folded = fold_batchnorms(tower, run)
-            self._key = key
+        prepack = bool(prepack)
+        entry = self._built.get(prepack)
+        if entry is None or entry[0] != key:
+            self._built = {p: e for p, e in self._built.items() if e[0] == key}  # drop copies of old weights
+            copy_, folded = fold_batchnorms(tower, run)
+            prepacked = 0
+            if prepack:
+                from .conv_prepacking import prepack_convolutions
+
+                copy_, prepacked = prepack_convolutions(copy_, run, _same)
+            entry = self._built[prepack] = (key, copy_, folded, prepacked)
+        _, self._tower, self.folded, self.prepacked = entry
         return self._tower
 
     def __deepcopy__(self, memo: dict) -> FoldedTowerCache:

@@ -209,7 +209,9 @@ class OpenCLIPViTEncoder(ImageEncoder):
 class TimmEncoder(ImageEncoder):
     """timm trunk of an open_clip ``TimmModel``: CNN stages (strides 4..32) or, for a timm ViT,
     the same pyramid as :class:`OpenCLIPViTEncoder`. ``fold_batchnorm`` (default True): a CNN
-    trunk called in eval mode without gradients runs a BatchNorm-folded copy (:mod:`.bn_folding`)."""
+    trunk called in eval mode without gradients runs a BatchNorm-folded copy (:mod:`.bn_folding`);
+    ``prepack_convolutions`` (default True): on the CPU in float32, that copy's convolutions keep
+    their weights in oneDNN's layout (:mod:`.conv_prepacking`)."""
 
     def __init__(self, visual: nn.Module, indices: list[int] | None, image_size: int, freeze: bool = False) -> None:
         trunk = visual.trunk
@@ -234,6 +236,7 @@ class TimmEncoder(ImageEncoder):
             trunk.norm = nn.Identity()
         super().__init__(visual, freeze)
         self.fold_batchnorm = True
+        self.prepack_convolutions = True
         self._folded = FoldedTowerCache()
         self.indices = list(indices)
         if self.is_vit:
@@ -268,7 +271,7 @@ class TimmEncoder(ImageEncoder):
         if (self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm
                 or any(m.training for m in trunk.modules())):
             return trunk
-        return self._folded.get(trunk, run)
+        return self._folded.get(trunk, run, prepack=self.prepack_convolutions)
 
     def _early_modules(self, stages: int) -> list[nn.Module]:
         trunk = self.visual.trunk

@@ -1,0 +1,176 @@
+"""CPU inference copies of CNN towers whose convolutions keep their weights in oneDNN's layout.
+
+Eager ``F.conv2d`` on a CPU converts a convolution's weights to oneDNN's blocked layout on
+every call. :func:`prepack_convolutions` returns a copy of a module in which each plain
+``nn.Conv2d`` (and timm's ``Conv2dSame``) is a :class:`PrepackedConv2d`: it converts its weights
+once per input shape and runs ``torch.ops.mkldnn._convolution_pointwise``, the convolution
+``torch.compile``'s CPU backend emits, with a ReLU or ReLU6 that directly follows the
+convolution applied inside it. On the bundled model's BatchNorm-folded EfficientNet tower this
+makes the whole batch-1 forward x0.88 at 2 threads with bit-identical outputs (BENCHMARKS.md,
+issue 6).
+
+The copy is checked against the module on the same input and discarded if any output differs;
+it is only built for float32 CPU modules when this torch has the oneDNN ops. Anything else keeps
+the module as it is, so callers need no checks of their own.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+log = logging.getLogger("emclip")
+
+__all__ = ["PrepackedConv2d", "can_prepack", "prepack_convolutions"]
+
+MAX_SHAPES = 4
+"""Weights kept in oneDNN's layout for at most this many input shapes per convolution (LRU)."""
+
+_ACTIVATIONS: dict[type, tuple[str, list[float]]] = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
+
+
+def _ops() -> tuple[Callable, Callable] | None:
+    """The oneDNN convolution and weight-reorder ops, or None where this torch lacks them."""
+    try:
+        conv = torch.ops.mkldnn._convolution_pointwise
+        reorder = torch._C._nn.mkldnn_reorder_conv2d_weight
+    except (AttributeError, RuntimeError):
+        return None
+    return conv, reorder
+
+
+def can_prepack(module: nn.Module) -> bool:
+    """True if ``module``'s parameters are float32 on the CPU and this torch has oneDNN's ops."""
+    params = list(module.parameters())
+    return (
+        bool(params)
+        and all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+        and torch.backends.mkldnn.is_available()
+        and _ops() is not None
+    )
+
+
+def _is_convertible(m: nn.Module) -> bool:
+    kind = type(m)
+    same = kind.__name__ == "Conv2dSame"  # timm: TF "same" padding computed per input, then padding 0
+    return (
+        (kind is nn.Conv2d or same)
+        and m.padding_mode == "zeros"
+        and not isinstance(m.padding, str)
+        and m.weight.dim() == 4
+    )
+
+
+class PrepackedConv2d(nn.Module):
+    """A ``Conv2d`` (float32, CPU, inference) whose weights are reordered once per input shape.
+
+    ``activation``: None, ``nn.ReLU`` or ``nn.ReLU6`` applied to the output inside the op.
+    """
+
+    def __init__(self, conv: nn.Conv2d, activation: type | None = None) -> None:
+        super().__init__()
+        self.same_padding = type(conv).__name__ == "Conv2dSame"
+        self.kernel_size = tuple(conv.kernel_size)
+        self.stride = list(conv.stride)
+        self.padding = [0, 0] if self.same_padding else list(conv.padding)
+        self.dilation = list(conv.dilation)
+        self.groups = int(conv.groups)
+        self.weight = conv.weight.detach().contiguous()
+        self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
+        self.attr, self.scalars = _ACTIVATIONS[activation] if activation else ("none", [])
+        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def _weight_for(self, shape: tuple[int, ...]) -> torch.Tensor:
+        packed = self._packed.pop(shape, None)
+        if packed is None:
+            _, reorder = _ops()
+            packed = reorder(self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups,
+                             list(shape))
+            while len(self._packed) >= MAX_SHAPES:
+                self._packed.pop(next(iter(self._packed)))
+        self._packed[shape] = packed  # most recently used last
+        return packed
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.same_padding:
+            from timm.layers.padding import pad_same
+
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        conv, _ = _ops()
+        return conv(x, self._weight_for(tuple(x.shape)), self.bias, self.padding, self.stride, self.dilation,
+                    self.groups, self.attr, self.scalars, "")
+
+    def extra_repr(self) -> str:
+        return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, "
+                f"stride={tuple(self.stride)}, groups={self.groups}, activation={self.attr}")
+
+
+def _activation_after(module: nn.Module, run: Callable[[nn.Module], Any]) -> dict[str, tuple[str, type]]:
+    """``{conv name: (activation name, type)}`` where a ReLU/ReLU6 module's input is exactly the
+    convolution's output (found by running ``module`` once; a convolution called twice is left out)."""
+    names = {m: n for n, m in module.named_modules()}
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    calls: dict[str, int] = {}
+    found: dict[str, tuple[str, type]] = {}
+
+    def after_conv(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
+        produced[id(out)] = (names[m], out)
+        calls[names[m]] = calls.get(names[m], 0) + 1
+
+    def before_act(m: nn.Module, inp: tuple[Any, ...]) -> None:
+        conv = produced.get(id(inp[0]))
+        if conv is not None and conv[1] is inp[0]:
+            found[conv[0]] = (names[m], type(m))
+
+    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if _is_convertible(m)]
+    hooks += [m.register_forward_pre_hook(before_act) for m in module.modules() if type(m) in _ACTIVATIONS]
+    try:
+        with torch.no_grad():
+            run(module)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {c: a for c, a in found.items() if calls.get(c) == 1}
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
+
+
+@torch.no_grad()
+def prepack_convolutions(
+    module: nn.Module, run: Callable[[nn.Module], Any], same: Callable[[Any, Any], bool]
+) -> tuple[nn.Module, int]:
+    """An inference copy of ``module`` with its convolutions as :class:`PrepackedConv2d`.
+
+    ``run(m)`` runs ``m`` on a representative input and returns its output(s); ``same(a, b)``
+    compares two such outputs. Returns ``(copy, n_converted)``, or ``(module, 0)`` when the module
+    cannot be prepacked (:func:`can_prepack`), has no convolution, or the copy's outputs differ.
+    """
+    if not can_prepack(module):
+        return module, 0
+    packed = copy.deepcopy(module).eval()
+    fused = _activation_after(packed, run)
+    convs = [n for n, m in packed.named_modules() if _is_convertible(m)]
+    if not convs:
+        return module, 0
+    for name in convs:
+        act = fused.get(name)
+        _replace(packed, name, PrepackedConv2d(packed.get_submodule(name), act[1] if act else None))
+        if act:
+            _replace(packed, act[0], nn.Identity())
+    try:
+        ok = same(run(module), run(packed))
+    except RuntimeError as exc:  # an op this oneDNN build refuses: keep the module
+        log.warning("prepacked convolutions failed (%s); using %s as it is", exc, type(module).__name__)
+        return module, 0
+    if not ok:
+        log.warning("prepacked convolutions changed the outputs of %s; using it as it is", type(module).__name__)
+        return module, 0
+    return packed, len(convs)

@@ -1,0 +1,129 @@
+"""Convolutions with weights kept in oneDNN's layout for CPU inference (emclip/nn/conv_prepacking.py)."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from emclip.config import load_config
+from emclip.nn import conv_prepacking
+from emclip.nn.bn_folding import _same
+from emclip.nn.conv_prepacking import MAX_SHAPES, PrepackedConv2d, can_prepack, prepack_convolutions
+from emclip.nn.image_encoder import build_image_encoder
+from torch import nn
+
+pytestmark = pytest.mark.skipif(not can_prepack(nn.Conv2d(1, 1, 1)), reason="this torch has no oneDNN convolution ops")
+
+
+def _encoder(size: int = 64):
+    """cpu-default's tower, random weights with non-trivial BatchNorm statistics, eval mode."""
+    torch.manual_seed(0)
+    enc = build_image_encoder(load_config("cpu-default").image_encoder, size)
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return enc.eval()
+
+
+def _features(enc, x, prepack: bool):
+    enc.prepack_convolutions = prepack
+    with torch.no_grad():
+        return enc(x)
+
+
+def test_prepacked_tower_gives_the_same_features_with_activations_fused():
+    enc = _encoder()
+    x = torch.randn(2, 3, 64, 96)
+    plain = _features(enc, x, False)
+    assert enc._folded.prepacked == 0
+    packed = _features(enc, x, True)
+    for a, b in zip(plain, packed):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-4, atol=1e-4)
+    tower = enc._folded._tower
+    convs = [m for m in tower.modules() if isinstance(m, PrepackedConv2d)]
+    assert enc._folded.prepacked == len(convs) > 40
+    assert not any(type(m) is nn.Conv2d or type(m).__name__ == "Conv2dSame" for m in tower.modules())
+    fused = [m for m in convs if m.attr == "hardtanh"]
+    relu6_left = [m for m in tower.modules() if isinstance(m, nn.ReLU6)]
+    assert len(fused) > 20 and not relu6_left  # every ReLU6 of EfficientNet-Lite now runs inside its convolution
+    assert {m.attr for m in convs} == {"hardtanh", "none"}  # projection convs have no activation
+    # the model itself is untouched: its tower still has its convolutions and BatchNorms
+    assert any(isinstance(m, nn.BatchNorm2d) for m in enc.visual.trunk.modules())
+    assert not any(isinstance(m, PrepackedConv2d) for m in enc.modules())
+
+
+def test_weights_are_reordered_per_input_shape_and_bounded():
+    enc = _encoder()
+    shapes = [(1, 3, 64, 64), (3, 3, 64, 64), (1, 3, 96, 64), (2, 3, 64, 64), (1, 3, 64, 128), (1, 3, 64, 64)]
+    for shape in shapes:
+        x = torch.randn(*shape)
+        plain = _features(enc, x, False)
+        packed = _features(enc, x, True)
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(plain, packed)), shape
+        stem = enc._folded._tower.conv_stem
+        assert 1 <= len(stem._packed) <= MAX_SHAPES
+
+
+def test_modules_that_cannot_be_prepacked_are_returned_as_they_are():
+    m64 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double()
+    assert not can_prepack(m64)
+    x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
+    assert prepack_convolutions(m64, lambda m: m(x), _same) == (m64, 0)
+    no_convs = nn.Sequential(nn.Linear(3, 3))
+    assert prepack_convolutions(no_convs, lambda m: m(torch.randn(2, 3)), _same) == (no_convs, 0)
+
+
+class _ConvFeedsActAndSkip(nn.Module):
+    """The convolution's raw output is also added after the ReLU: fusing the ReLU would change it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 3, 3, padding=1)
+        self.act = nn.ReLU()
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.act(y) + y
+
+
+def test_a_copy_that_changes_the_outputs_is_refused(caplog):
+    m = _ConvFeedsActAndSkip().eval()
+    x = torch.randn(1, 3, 8, 8)
+    with caplog.at_level(logging.WARNING, logger="emclip"):
+        got, n = prepack_convolutions(m, lambda mod: mod(x), _same)
+    assert got is m and n == 0 and "changed the outputs" in caplog.text
+
+
+def test_an_op_this_torch_refuses_keeps_the_module(monkeypatch, caplog):
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU6()).eval()
+    x = torch.randn(1, 3, 8, 8)
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("unsupported")
+
+    real = conv_prepacking._ops()
+    monkeypatch.setattr(conv_prepacking, "_ops", lambda: (refuse, real[1]))
+    with caplog.at_level(logging.WARNING, logger="emclip"):
+        got, n = prepack_convolutions(m, lambda mod: mod(x), _same)
+    assert got is m and n == 0 and "prepacked convolutions failed" in caplog.text
+
+
+def test_switching_prepacking_off_rebuilds_the_copy():
+    enc = _encoder()
+    x = torch.randn(1, 3, 64, 64)
+    _features(enc, x, True)
+    packed = enc._folded._tower
+    assert enc._folded.prepacked > 0
+    _features(enc, x, False)
+    assert enc._folded.prepacked == 0 and enc._folded.folded > 40
+    assert not any(isinstance(m, PrepackedConv2d) for m in enc._folded._tower.modules())
+    _features(enc, x, True)  # back on: the same copy, not rebuilt (benchmarks switch back and forth)
+    assert enc._folded._tower is packed
+    with torch.no_grad():  # new weights: both copies are stale
+        enc.visual.trunk.conv_stem.weight.mul_(1.1)
+    _features(enc, x, True)
+    assert enc._folded._tower is not packed and enc._folded.prepacked > 0
