@@ -104,6 +104,17 @@ def batchnorms_unfolded(encoder):
         encoder.fold_batchnorm = True
 
 
+@contextmanager
+def convolutions_not_prepacked(encoder):
+    """Run the folded tower with plain convolutions, as before emclip/nn/conv_prepacking.py."""
+    before = getattr(encoder, "prepack_convolutions", None)
+    encoder.prepack_convolutions = False
+    try:
+        yield
+    finally:
+        encoder.prepack_convolutions = before
+
+
 def minor_faults_per_call(fn, calls: int) -> float | None:
     """Minor page faults per call of ``fn`` in this process (None where getrusage is missing)."""
     try:
@@ -272,6 +283,12 @@ def main() -> None:
                 return model(x, emb_d)
 
         variants["BatchNorms not folded"] = unfolded
+        if hasattr(enc, "prepack_convolutions"):
+            def not_prepacked():  # BatchNorms folded, convolutions as plain F.conv2d (session 6)
+                with convolutions_not_prepacked(enc), torch.inference_mode():
+                    return model(x, emb_d)
+
+            variants["convolutions not prepacked"] = not_prepacked
         x4 = x.expand(4, -1, -1, -1).contiguous()
 
         def batch4():
