@@ -82,7 +82,8 @@ def profile_table(fn, calls: int) -> tuple[list[dict], dict[str, float]]:
     ]
     conv_ms: dict[str, float] = defaultdict(float)
     conv_ops = ("aten::mkldnn_convolution", "aten::_slow_conv2d_forward", "aten::_convolution_depthwise",
-                "aten::thnn_conv2d", "aten::_nnpack_spatial_convolution", "aten::_mkldnn_convolution")
+                "aten::thnn_conv2d", "aten::_nnpack_spatial_convolution", "aten::_mkldnn_convolution",
+                "mkldnn::_convolution_pointwise")  # the last: the prepacked tower (emclip/nn/conv_prepacking.py)
     for e in prof.key_averages(group_by_input_shape=True):
         if e.key not in conv_ops or not e.input_shapes or len(e.input_shapes) < 2:
             continue
@@ -105,14 +106,19 @@ def batchnorms_unfolded(encoder):
 
 
 @contextmanager
-def convolutions_not_prepacked(encoder):
-    """Run the folded tower with plain convolutions, as before emclip/nn/conv_prepacking.py."""
-    before = getattr(encoder, "prepack_convolutions", None)
-    encoder.prepack_convolutions = False
+def convolutions_not_prepacked(*models):
+    """Run the models' folded towers with plain convolutions, as before emclip/nn/conv_prepacking.py.
+    FLOPs are counted this way too: FlopCounterMode does not count oneDNN's fused convolution op,
+    and the arithmetic is the same."""
+    encoders = [m for model in models for m in model.modules() if hasattr(m, "prepack_convolutions")]
+    before = [e.prepack_convolutions for e in encoders]
+    for e in encoders:
+        e.prepack_convolutions = False
     try:
         yield
     finally:
-        encoder.prepack_convolutions = before
+        for e, b in zip(encoders, before):
+            e.prepack_convolutions = b
 
 
 def minor_faults_per_call(fn, calls: int) -> float | None:
@@ -215,8 +221,10 @@ def main() -> None:
     for fn in timed.values():  # first calls build per-model caches (the BatchNorm-folded tower)
         fn()
     flops = {}
-    for name, fn in timed.items():
-        flops[name], _ = count_flops(fn)
+    with convolutions_not_prepacked(*models.values()):
+        for name, fn in timed.items():
+            fn()  # builds the plain-convolution copy of the tower outside the counter
+            flops[name], _ = count_flops(fn)
     res = common.interleaved(timed, rounds, warmup, baseline="emclip (cpu-default)")
     peak_after = common.matmul_peak(mm_sizes, repeats=3 if args.quick else 9)
     peak = max(peak_before["peak_flop_per_s"], peak_after["peak_flop_per_s"])
@@ -251,14 +259,16 @@ def main() -> None:
     parts_res = common.interleaved(parts_fn, rounds, warmup)
     parts = {}
     for name, fn in parts_fn.items():
-        f, _ = count_flops(fn)
+        with convolutions_not_prepacked(model):
+            f, _ = count_flops(fn)
         t = parts_res["times"][name]["median"]
         parts[name] = {"gflops": f / 1e9, "median_s": t, "fraction_of_peak": f / t / peak,
                        "best_s": parts_res["times"][name]["min"],
                        "fraction_of_peak_best": f / parts_res["times"][name]["min"] / peak_best,
                        "cpu_median_s": parts_res["times"][name]["cpu"]["median"],
                        "fraction_of_peak_cpu": f / parts_res["times"][name]["cpu"]["median"] / peak_cpu}
-    total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
+    with convolutions_not_prepacked(model):
+        total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
     with batchnorms_unfolded(enc):  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
         kinds = conv_flops_by_kind(model, timed["emclip (cpu-default)"])
     table, conv_ms = profile_table(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
@@ -272,8 +282,8 @@ def main() -> None:
         variants = {"eager fp32": timed["emclip (cpu-default)"]}
         emb_d = emb
 
-        def bf16():
-            with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        def bf16():  # plain convolutions: autocast does not cover oneDNN's prepacked op
+            with convolutions_not_prepacked(model), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x, emb_d)
 
         variants["bf16 autocast"] = bf16
@@ -285,7 +295,7 @@ def main() -> None:
         variants["BatchNorms not folded"] = unfolded
         if hasattr(enc, "prepack_convolutions"):
             def not_prepacked():  # BatchNorms folded, convolutions as plain F.conv2d (session 6)
-                with convolutions_not_prepacked(enc), torch.inference_mode():
+                with convolutions_not_prepacked(model), torch.inference_mode():
                     return model(x, emb_d)
 
             variants["convolutions not prepacked"] = not_prepacked
