@@ -58,9 +58,11 @@ def stage_breakdown(model, image, prompts, modality, repeats, warmup):
     except ImportError:  # an older checkout: one plain pass
         mirror, run_mirrored = False, None
 
+    def call(images):
+        return model.predict_logits(images, prompts, modality=modality)
+
     def net():  # as segment() runs it: the mirrored pair for models that mirror by default
         with torch.inference_mode():
-            call = lambda i: model.predict_logits(i, prompts, modality=modality)  # noqa: E731
             return run_mirrored(call, x, True) if mirror else call(x)
 
     with torch.inference_mode():

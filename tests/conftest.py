@@ -56,6 +56,27 @@ def cpu_default_model():
     return create_model("cpu-default", pretrained=True).eval()
 
 
+@pytest.fixture
+def cnn_encoder():
+    """cpu-default's EfficientNet tower with random weights and non-trivial BatchNorm statistics
+    (fresh BNs are identities, which would hide a wrong fold), eval mode, 64 px. A new one per test."""
+    import torch
+    from torch import nn
+
+    from emclip.config import load_config
+    from emclip.nn.image_encoder import build_image_encoder
+
+    torch.manual_seed(0)
+    enc = build_image_encoder(load_config("cpu-default").image_encoder, 64)
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+            m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+    return enc.eval()
+
+
 # ---------------------------------------------------------------- reliability counts
 # tests/test_reliability_*.py add what they tried to one session-wide Counter; the totals are
 # written to <basetemp>/reliability_counts.json (and $EMCLIP_RELIABILITY_JSON if set) and

@@ -5,24 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
-from emclip.config import load_config
 from emclip.nn.bn_folding import fold_batchnorms
-from emclip.nn.image_encoder import build_image_encoder
 from torch import nn
-
-
-def _encoder_with_real_statistics(size: int = 64):
-    """cpu-default's tower with random weights and non-trivial running statistics (fresh BNs are
-    identities, which would hide a wrong fold)."""
-    torch.manual_seed(0)
-    enc = build_image_encoder(load_config("cpu-default").image_encoder, size)
-    for m in enc.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return enc.eval()
 
 
 def _both(enc, x):
@@ -34,8 +18,8 @@ def _both(enc, x):
     return plain, folded
 
 
-def test_folded_tower_gives_the_same_features_without_batchnorms():
-    enc = _encoder_with_real_statistics()
+def test_folded_tower_gives_the_same_features_without_batchnorms(cnn_encoder):
+    enc = cnn_encoder
     x = torch.randn(2, 3, 64, 96)
     plain, folded = _both(enc, x)
     for a, b in zip(plain, folded):
@@ -49,8 +33,8 @@ def test_folded_tower_gives_the_same_features_without_batchnorms():
     assert sum(p.numel() for p in enc.parameters()) == sum(p.numel() for p in enc.visual.parameters())
 
 
-def test_weights_changed_in_place_rebuild_the_copy():
-    enc = _encoder_with_real_statistics()
+def test_weights_changed_in_place_rebuild_the_copy(cnn_encoder):
+    enc = cnn_encoder
     x = torch.randn(1, 3, 64, 64)
     _both(enc, x)
     first = enc._folded._tower
@@ -62,8 +46,8 @@ def test_weights_changed_in_place_rebuild_the_copy():
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(plain, folded))
 
 
-def test_training_and_gradients_use_the_tower_itself():
-    enc = _encoder_with_real_statistics()
+def test_training_and_gradients_use_the_tower_itself(cnn_encoder):
+    enc = cnn_encoder
     x = torch.randn(2, 3, 64, 64)
     enc(x)  # eval mode, but gradients on: the real tower (gradients must reach its weights)
     assert enc._folded._tower is None
@@ -122,11 +106,11 @@ def test_vit_towers_are_never_folded(tiny_model):
     assert getattr(enc, "_folded", None) is None or enc._folded._tower is None
 
 
-def test_copies_of_a_model_do_not_carry_the_folded_tower():
+def test_copies_of_a_model_do_not_carry_the_folded_tower(cnn_encoder):
     import copy
     import pickle
 
-    enc = _encoder_with_real_statistics()
+    enc = cnn_encoder
     _both(enc, torch.randn(1, 3, 64, 64))
     assert enc._folded._tower is not None
     assert copy.deepcopy(enc)._folded._tower is None

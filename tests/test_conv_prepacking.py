@@ -6,27 +6,12 @@ import logging
 
 import pytest
 import torch
-from emclip.config import load_config
 from emclip.nn import conv_prepacking
 from emclip.nn.bn_folding import _same
 from emclip.nn.conv_prepacking import MAX_SHAPES, PrepackedConv2d, can_prepack, prepack_convolutions
-from emclip.nn.image_encoder import build_image_encoder
 from torch import nn
 
 pytestmark = pytest.mark.skipif(not can_prepack(nn.Conv2d(1, 1, 1)), reason="this torch has no oneDNN convolution ops")
-
-
-def _encoder(size: int = 64):
-    """cpu-default's tower, random weights with non-trivial BatchNorm statistics, eval mode."""
-    torch.manual_seed(0)
-    enc = build_image_encoder(load_config("cpu-default").image_encoder, size)
-    for m in enc.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.2, 0.2)
-    return enc.eval()
 
 
 def _features(enc, x, prepack: bool):
@@ -35,8 +20,8 @@ def _features(enc, x, prepack: bool):
         return enc(x)
 
 
-def test_prepacked_tower_gives_the_same_features_with_activations_fused():
-    enc = _encoder()
+def test_prepacked_tower_gives_the_same_features_with_activations_fused(cnn_encoder):
+    enc = cnn_encoder
     x = torch.randn(2, 3, 64, 96)
     plain = _features(enc, x, False)
     assert enc._folded.prepacked == 0
@@ -56,8 +41,8 @@ def test_prepacked_tower_gives_the_same_features_with_activations_fused():
     assert not any(isinstance(m, PrepackedConv2d) for m in enc.modules())
 
 
-def test_weights_are_reordered_per_input_shape_and_bounded():
-    enc = _encoder()
+def test_weights_are_reordered_per_input_shape_and_bounded(cnn_encoder):
+    enc = cnn_encoder
     shapes = [(1, 3, 64, 64), (3, 3, 64, 64), (1, 3, 96, 64), (2, 3, 64, 64), (1, 3, 64, 128), (1, 3, 64, 64)]
     for shape in shapes:
         x = torch.randn(*shape)
@@ -112,8 +97,8 @@ def test_an_op_this_torch_refuses_keeps_the_module(monkeypatch, caplog):
     assert got is m and n == 0 and "prepacked convolutions failed" in caplog.text
 
 
-def test_switching_prepacking_off_rebuilds_the_copy():
-    enc = _encoder()
+def test_switching_prepacking_off_rebuilds_the_copy(cnn_encoder):
+    enc = cnn_encoder
     x = torch.randn(1, 3, 64, 64)
     _features(enc, x, True)
     packed = enc._folded._tower

@@ -56,7 +56,7 @@ def test_mirrored_model_is_left_right_equivariant(tiny_model):
     rng = np.random.default_rng(0)
     img = rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)
     prompts = ["optic disc", "optic cup"]
-    opts = dict(modality="fundus", coarse_to_fine=False)
+    opts = {"modality": "fundus", "coarse_to_fine": False}
     a = emclip.segment(img, prompts, tiny_model, mirror=True, **opts)
     b = emclip.segment(img[:, ::-1], prompts, tiny_model, mirror=True, **opts)
     np.testing.assert_allclose(a.probabilities, b.probabilities[:, :, ::-1], atol=1e-5)
@@ -68,8 +68,8 @@ def test_mirrored_model_is_left_right_equivariant(tiny_model):
 
 def test_default_follows_the_model_config():
     import emclip
-    from emclip.factory import create_model
     from emclip.config import load_config
+    from emclip.factory import create_model
 
     img = np.random.default_rng(1).integers(0, 255, (48, 64), dtype=np.uint8)
     torch.manual_seed(0)
