@@ -81,7 +81,8 @@ class IntensityModel(SegmentationModel):
 
 def test_json_shape_and_near_perfect_scores(toy):
     res = evaluate(IntensityModel(), [toy], split="test", model_name="intensity")
-    assert set(res) == {"model", "datasets"} and res["model"] == "intensity"
+    assert set(res) == {"model", "mirror", "datasets"} and res["model"] == "intensity"
+    assert res["mirror"] is False  # a model without test_time_mirror in its config: one plain pass
     entry = res["datasets"]["toy_fundus"]
     assert set(entry) == {"n_images", "structures"} and entry["n_images"] == 5
     assert list(entry["structures"]) == ["optic disc", "optic cup"]
@@ -93,7 +94,10 @@ def test_json_shape_and_near_perfect_scores(toy):
         assert m["dice"] > 0.9 and m["hd95"] <= 2.0, (name, m)
     json.dumps(res, allow_nan=False)  # all numbers finite here
     md = to_markdown(res)
-    assert "| toy_fundus | optic disc | 5 |" in md
+    assert "| toy_fundus | optic disc | 5 |" in md and "(mirror pass off)" in md
+    mirrored = evaluate(IntensityModel(), [toy], split="test", mirror=True)
+    assert mirrored["mirror"] is True  # the toy model is left-right symmetric: same near-perfect scores
+    assert mirrored["datasets"]["toy_fundus"]["structures"]["optic disc"]["dice"] > 0.9
 
 
 def test_synonym_prompt_set_reports_each_synonym(toy):

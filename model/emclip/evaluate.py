@@ -23,7 +23,7 @@ A model without fusion reads the first sequence as today (``channels=`` may name
 
 Result shape::
 
-    {"model": "...",
+    {"model": "...", "mirror": bool (the mirror pass was used),
      "datasets": {"<dataset dir name>": {"n_images": int,
         "structures": {"optic disc": {"dice": float, "hd95": float, "asd": float,
                                       "dice_std": float, "hd95_std": float, "asd_std": float,
@@ -228,7 +228,10 @@ def evaluate(
     done = 0
     report(progress, 0, total)
     results: dict[str, Any] = {}
-    options = {"threshold": threshold, "mirror": mirror}  # passed on to segment / segment_stack
+    from .inference.runner import model_mirrors
+
+    used_mirror = model_mirrors(net) if mirror is None else bool(mirror)
+    options = {"threshold": threshold, "mirror": used_mirror}  # passed on to segment / segment_stack
     for key, (ds, units, _), feed in zip(keys, plans, feeds):
         spec = ds.spec
         asked = _prompts_for(spec, prompt_set, accepts)
@@ -276,7 +279,7 @@ def evaluate(
             left_out = _left_out(net, feed)
             if left_out:
                 results[key]["ignored_channels"] = left_out
-    return {"model": name, "datasets": results}
+    return {"model": name, "mirror": used_mirror, "datasets": results}
 
 
 def _naming_the_input(exc: InvalidImageError, ds, unit: int | str) -> EMClipError | None:
@@ -350,7 +353,8 @@ def _fmt(v: Any) -> str:
 
 def to_markdown(results: dict[str, Any]) -> str:
     """A markdown table: one row per dataset and structure (mean ± std)."""
-    lines = [f"Model: `{results['model']}`", "",
+    mirror = results.get("mirror")
+    lines = [f"Model: `{results['model']}`" + ("" if mirror is None else f" (mirror pass {'on' if mirror else 'off'})"), "",
              "| dataset | structure | n | Dice | HD95 | ASD | undefined HD | unit |",
              "|---|---|---:|---|---|---|---:|---|"]
     for ds, entry in results["datasets"].items():
