@@ -118,3 +118,34 @@ def test_cli_flag_parses_to_none_true_false():
     assert p.parse_args([]).mirror is None
     assert p.parse_args(["--mirror"]).mirror is True
     assert p.parse_args(["--no-mirror"]).mirror is False
+
+
+def test_every_path_passes_mirror_on():
+    """The fundus coarse-to-fine path, named MRI sequences (fusion) and stacks of sequences all run
+    the mirror pass the caller asked for, and say so in ``info``."""
+    import emclip
+    from emclip.config import load_config
+    from emclip.factory import create_model
+    from emclip.fundus import segment_fundus
+
+    rng = np.random.default_rng(2)
+    torch.manual_seed(0)
+    net = create_model("tiny").eval()
+    photo = rng.integers(0, 255, (160, 800, 3), dtype=np.uint8)
+    for mirror in (True, False):
+        r = segment_fundus(photo, ["optic disc"], net, mirror=mirror)
+        assert r.info["mirror"] is mirror and "coarse_to_fine" in r.info
+    on = segment_fundus(photo, ["optic disc"], net, mirror=True, whole_photograph=False)
+    off = segment_fundus(photo, ["optic disc"], net, mirror=False, whole_photograph=False)
+    assert np.abs(on.probabilities - off.probabilities).max() > 1e-4  # the flag reached the network
+
+    torch.manual_seed(0)
+    fusion = create_model(load_config("tiny", {"fusion.enabled": True})).eval()
+    seqs = rng.random((2, 48, 48)).astype(np.float32)
+    for mirror in (True, False):
+        r = emclip.segment(seqs, "whole tumour", fusion, channels=["flair", "t1ce"], channel_axis=0, mirror=mirror)
+        assert r.info["mirror"] is mirror
+        vol = np.stack([seqs, seqs], axis=1)  # (2 sequences, 2 slices, 48, 48)
+        s = emclip.segment_stack(vol, "whole tumour", fusion, channels=["flair", "t1ce"], channel_axis=0,
+                                 mirror=mirror)
+        assert s.info["mirror"] is mirror
