@@ -37,7 +37,8 @@ class RunRequest:
     (stacked in the worker, :func:`source_array`); ``channel_axis`` is an axis of it or
     None; ``stack_axis`` (an axis of ``image``) is the slice axis used when the image without
     channels is 3D. ``model_source`` is None (bundled default), a config name or a checkpoint
-    folder. ``tile_size`` None lets emclip decide (it tiles very large images). ``models``: the
+    folder. ``tile_size`` None lets emclip decide (it tiles very large images); ``mirror`` None
+    follows the model's ``test_time_mirror`` (see ``emclip.segment``). ``models``: the
     widget's :class:`ModelSlot` (keeps the model loaded between runs); None loads through
     emclip's shared cache.
     """
@@ -52,6 +53,7 @@ class RunRequest:
     channel_axis: int | None = None
     stack_axis: int = 0
     tile_size: int | None = None
+    mirror: bool | None = None
     combined: bool = False
     clusters: bool = False
     probabilities: bool = False
@@ -236,6 +238,7 @@ def execute(
         "threshold": request.threshold,
         "channel_axis": request.channel_axis,
         "tile_size": request.tile_size,
+        "mirror": request.mirror,
         "progress": progress,
         "cancel": cancel,
     }

@@ -489,6 +489,10 @@ def test_multichannel_and_16bit_inputs(setup, qtbot):
     w.set_prompts("optic disc")
     assert run_and_wait(qtbot, w) == "done"
     assert w.last_outcome.tiled and viewer.layers["optic disc [2]"].data.shape == (64, 64)
+    assert w.last_outcome.info["mirror"] is False  # the model's setting: the tiny config does not mirror
+    w.mirror_combo.setCurrentIndex(w.mirror_combo.findData(True))
+    assert run_and_wait(qtbot, w) == "done"
+    assert w.last_outcome.info["mirror"] is True
 
 
 def test_multiscale_image_is_segmented_at_full_resolution(setup, qtbot):
