@@ -96,29 +96,21 @@ def profile_table(fn, calls: int) -> tuple[list[dict], dict[str, float]]:
 
 
 @contextmanager
-def batchnorms_unfolded(encoder):
-    """Run ``encoder``'s own tower, not its BatchNorm-folded inference copy (emclip/nn/bn_folding.py)."""
-    encoder.fold_batchnorm = False
+def switched_off(flag: str, *models):
+    """Set the boolean attribute ``flag`` to False on every submodule of ``models`` that has it, and
+    back afterwards. ``fold_batchnorm``: the tower itself runs instead of its BatchNorm-folded copy
+    (emclip/nn/bn_folding.py). ``prepack_convolutions``: the folded copy runs plain convolutions
+    (emclip/nn/conv_prepacking.py); FLOPs are counted that way, since FlopCounterMode does not count
+    oneDNN's fused convolution op and the arithmetic is the same."""
+    owners = [m for model in models for m in model.modules() if hasattr(m, flag)]
+    before = [getattr(m, flag) for m in owners]
+    for m in owners:
+        setattr(m, flag, False)
     try:
         yield
     finally:
-        encoder.fold_batchnorm = True
-
-
-@contextmanager
-def convolutions_not_prepacked(*models):
-    """Run the models' folded towers with plain convolutions, as before emclip/nn/conv_prepacking.py.
-    FLOPs are counted this way too: FlopCounterMode does not count oneDNN's fused convolution op,
-    and the arithmetic is the same."""
-    encoders = [m for model in models for m in model.modules() if hasattr(m, "prepack_convolutions")]
-    before = [e.prepack_convolutions for e in encoders]
-    for e in encoders:
-        e.prepack_convolutions = False
-    try:
-        yield
-    finally:
-        for e, b in zip(encoders, before):
-            e.prepack_convolutions = b
+        for m, value in zip(owners, before):
+            setattr(m, flag, value)
 
 
 def minor_faults_per_call(fn, calls: int) -> float | None:
@@ -221,7 +213,7 @@ def main() -> None:
     for fn in timed.values():  # first calls build per-model caches (the BatchNorm-folded tower)
         fn()
     flops = {}
-    with convolutions_not_prepacked(*models.values()):
+    with switched_off("prepack_convolutions", *models.values()):
         for name, fn in timed.items():
             fn()  # builds the plain-convolution copy of the tower outside the counter
             flops[name], _ = count_flops(fn)
@@ -259,7 +251,7 @@ def main() -> None:
     parts_res = common.interleaved(parts_fn, rounds, warmup)
     parts = {}
     for name, fn in parts_fn.items():
-        with convolutions_not_prepacked(model):
+        with switched_off("prepack_convolutions", model):
             f, _ = count_flops(fn)
         t = parts_res["times"][name]["median"]
         parts[name] = {"gflops": f / 1e9, "median_s": t, "fraction_of_peak": f / t / peak,
@@ -267,9 +259,9 @@ def main() -> None:
                        "fraction_of_peak_best": f / parts_res["times"][name]["min"] / peak_best,
                        "cpu_median_s": parts_res["times"][name]["cpu"]["median"],
                        "fraction_of_peak_cpu": f / parts_res["times"][name]["cpu"]["median"] / peak_cpu}
-    with convolutions_not_prepacked(model):
+    with switched_off("prepack_convolutions", model):
         total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
-    with batchnorms_unfolded(enc):  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
+    with switched_off("fold_batchnorm", enc):  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
         kinds = conv_flops_by_kind(model, timed["emclip (cpu-default)"])
     table, conv_ms = profile_table(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
     faults = minor_faults_per_call(timed["emclip (cpu-default)"], calls=3 if args.quick else 20)
@@ -283,19 +275,19 @@ def main() -> None:
         emb_d = emb
 
         def bf16():  # plain convolutions: autocast does not cover oneDNN's prepacked op
-            with convolutions_not_prepacked(model), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            with switched_off("prepack_convolutions", model), torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
                 return model(x, emb_d)
 
         variants["bf16 autocast"] = bf16
 
         def unfolded():  # what eager fp32 was before the BatchNorms were folded (emclip/nn/bn_folding.py)
-            with batchnorms_unfolded(enc), torch.inference_mode():
+            with switched_off("fold_batchnorm", enc), torch.inference_mode():
                 return model(x, emb_d)
 
         variants["BatchNorms not folded"] = unfolded
         if hasattr(enc, "prepack_convolutions"):
             def not_prepacked():  # BatchNorms folded, convolutions as plain F.conv2d (session 6)
-                with convolutions_not_prepacked(model), torch.inference_mode():
+                with switched_off("prepack_convolutions", model), torch.inference_mode():
                     return model(x, emb_d)
 
             variants["convolutions not prepacked"] = not_prepacked

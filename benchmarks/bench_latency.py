@@ -40,6 +40,25 @@ def prepared_input(model, image):
     return ((x - mean) / std).contiguous(), geo
 
 
+def network_forward(model, x, prompts, modality, mirror=None):
+    """The network call ``segment`` makes on the prepared input ``x``: the mirrored pair when
+    ``mirror`` (None: the model's default; an older checkout without the mirror pass: one pass)."""
+    import torch
+
+    try:
+        from emclip.inference.runner import model_mirrors, run_mirrored
+    except ImportError:
+        model_mirrors = None
+
+    def call(images):
+        return model.predict_logits(images, prompts, modality=modality)
+
+    with torch.inference_mode():
+        if model_mirrors is not None and model_mirrors(model, mirror):
+            return run_mirrored(call, x, True)
+        return call(x)
+
+
 def stage_breakdown(model, image, prompts, modality, repeats, warmup):
     """Median seconds of the stages of one segment() call, each timed on its own."""
     import numpy as np
@@ -52,18 +71,8 @@ def stage_breakdown(model, image, prompts, modality, repeats, warmup):
         window = intensity_range(image)
         letterbox(to_float_rgb(image, intensity_range=window), model.image_size)
 
-    try:
-        from emclip.inference.runner import model_mirrors, run_mirrored
-        mirror = model_mirrors(model)
-    except ImportError:  # an older checkout: one plain pass
-        mirror, run_mirrored = False, None
-
-    def call(images):
-        return model.predict_logits(images, prompts, modality=modality)
-
-    def net():  # as segment() runs it: the mirrored pair for models that mirror by default
-        with torch.inference_mode():
-            return run_mirrored(call, x, True) if mirror else call(x)
+    def net():
+        return network_forward(model, x, prompts, modality)
 
     with torch.inference_mode():
         out = net()
@@ -134,25 +143,13 @@ def main() -> None:
             print(f"default (coarse-to-fine) call failed, not timed: {default_info['failed']}")
     seg_res = common.interleaved(seg, rounds, warmup, baseline="emclip (cpu-default)")
 
-    nets = {}
+    nets = {}  # as segment() runs each network (the mirrored pair for models that mirror by default)
     for name, m in models.items():
         x, _ = prepared_input(m, image)
-
-        def fwd(m=m, x=x):
-            with torch.inference_mode():
-                m.predict_logits(x, prompts, modality=modality)
-
-        nets[name] = fwd
+        nets[name] = lambda m=m, x=x: network_forward(m, x, prompts, modality)
     if has_mirror:
-        from emclip.inference.runner import run_mirrored
-
         x, _ = prepared_input(emclip_model, image)
-
-        def pair(x=x):
-            with torch.inference_mode():
-                run_mirrored(lambda i: emclip_model.predict_logits(i, prompts, modality=modality), x, True)
-
-        nets["emclip (cpu-default)"], nets["emclip mirror=False"] = pair, nets["emclip (cpu-default)"]
+        nets["emclip mirror=False"] = lambda x=x: network_forward(emclip_model, x, prompts, modality, mirror=False)
     net_res = common.interleaved(nets, rounds, warmup, baseline="emclip (cpu-default)")
     stages = stage_breakdown(emclip_model, image, prompts, modality, max(3, rounds // 2), warmup)
 

@@ -7,7 +7,6 @@ import logging
 import pytest
 import torch
 from emclip.nn import conv_prepacking
-from emclip.nn.bn_folding import _same
 from emclip.nn.conv_prepacking import MAX_SHAPES, PrepackedConv2d, can_prepack, prepack_convolutions
 from torch import nn
 
@@ -57,9 +56,9 @@ def test_modules_that_cannot_be_prepacked_are_returned_as_they_are():
     m64 = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU()).double()
     assert not can_prepack(m64)
     x = torch.randn(1, 3, 8, 8, dtype=torch.float64)
-    assert prepack_convolutions(m64, lambda m: m(x), _same) == (m64, 0)
+    assert prepack_convolutions(m64, lambda m: m(x)) == (m64, 0)
     no_convs = nn.Sequential(nn.Linear(3, 3))
-    assert prepack_convolutions(no_convs, lambda m: m(torch.randn(2, 3)), _same) == (no_convs, 0)
+    assert prepack_convolutions(no_convs, lambda m: m(torch.randn(2, 3))) == (no_convs, 0)
 
 
 class _ConvFeedsActAndSkip(nn.Module):
@@ -79,7 +78,7 @@ def test_a_copy_that_changes_the_outputs_is_refused(caplog):
     m = _ConvFeedsActAndSkip().eval()
     x = torch.randn(1, 3, 8, 8)
     with caplog.at_level(logging.WARNING, logger="emclip"):
-        got, n = prepack_convolutions(m, lambda mod: mod(x), _same)
+        got, n = prepack_convolutions(m, lambda mod: mod(x))
     assert got is m and n == 0 and "changed the outputs" in caplog.text
 
 
@@ -93,7 +92,7 @@ def test_an_op_this_torch_refuses_keeps_the_module(monkeypatch, caplog):
     real = conv_prepacking._ops()
     monkeypatch.setattr(conv_prepacking, "_ops", lambda: (refuse, real[1]))
     with caplog.at_level(logging.WARNING, logger="emclip"):
-        got, n = prepack_convolutions(m, lambda mod: mod(x), _same)
+        got, n = prepack_convolutions(m, lambda mod: mod(x))
     assert got is m and n == 0 and "prepacked convolutions failed" in caplog.text
 
 

@@ -185,6 +185,7 @@ def evaluate(
     from .data.splits import split_dataset
     from .inference import load_model
     from .inference.options import check_mirror
+    from .inference.runner import model_mirrors
 
     if prompt_set not in PROMPT_SETS:
         raise DatasetError(f"prompt_set must be one of {PROMPT_SETS}, got {prompt_set!r}")
@@ -228,9 +229,7 @@ def evaluate(
     done = 0
     report(progress, 0, total)
     results: dict[str, Any] = {}
-    from .inference.runner import model_mirrors
-
-    used_mirror = model_mirrors(net) if mirror is None else bool(mirror)
+    used_mirror = model_mirrors(net, mirror)
     options = {"threshold": threshold, "mirror": used_mirror}  # passed on to segment / segment_stack
     for key, (ds, units, _), feed in zip(keys, plans, feeds):
         spec = ds.spec

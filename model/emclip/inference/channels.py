@@ -219,7 +219,7 @@ def segment_channels(
     from .stacks import _summarise_stack
 
     steps = Steps(progress, z)
-    use_mirror = model_mirrors(net) if mirror is None else bool(mirror)
+    use_mirror = model_mirrors(net, mirror)
     probs = np.zeros((len(prompts), z) + hw, dtype=np.float32)
     clusters = np.zeros((z,) + hw, dtype=np.int32)
     sims: list[np.ndarray] = []

@@ -62,8 +62,11 @@ def inference_state(net: torch.nn.Module, device: torch.device) -> Iterator[None
             net.train(was_training)
 
 
-def model_mirrors(net: Any) -> bool:
-    """The model's default for ``mirror``: its config's ``test_time_mirror`` (None = off)."""
+def model_mirrors(net: Any, mirror: Optional[bool] = None) -> bool:
+    """Whether to mirror: ``mirror`` if given, else the model's default, its config's
+    ``test_time_mirror`` (None = off)."""
+    if mirror is not None:
+        return bool(mirror)
     return bool(getattr(getattr(net, "config", None), "test_time_mirror", None))
 
 

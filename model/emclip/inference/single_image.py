@@ -290,7 +290,7 @@ def segment(
         keys = None
         if exemplar_list:
             keys = prompt_keys(net, prompt_list, names, exemplar_list, modality, mode, dev, model_dtype(net))
-        use_mirror = model_mirrors(net) if mirror is None else mirror
+        use_mirror = model_mirrors(net, mirror)
         runner = Runner(net, dev, names, modality, prompt_keys=keys, mirror=use_mirror)
         check_cancel(cancel)
         probs, clusters, sims, used = run_2d(arr, window, runner, plan, steps, cancel)

@@ -201,7 +201,7 @@ def segment_stack(
         keys = None
         if exemplar_list:
             keys = prompt_keys(net, text_list, prompt_list, exemplar_list, modality, mode, dev, model_dtype(net))
-        use_mirror = model_mirrors(net) if mirror is None else mirror
+        use_mirror = model_mirrors(net, mirror)
         runner = Runner(net, dev, prompt_list, modality, prompt_keys=keys, mirror=use_mirror)
         k = 0
         while k < z:

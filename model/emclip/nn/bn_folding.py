@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
+from .inference_copy import direct_feeds, replace_submodule, same_outputs
+
 log = logging.getLogger("emclip")
 
 __all__ = ["FoldedTowerCache", "fold_batchnorms"]
@@ -36,53 +38,11 @@ def _is_plain_batchnorm(m: nn.Module) -> bool:
     return type(m) is nn.BatchNorm2d or (type(m).__name__ == "BatchNormAct2d" and hasattr(m, "act") and hasattr(m, "drop"))
 
 
-def _conv_bn_pairs(module: nn.Module, run: Callable[[nn.Module], Any]) -> list[tuple[str, str]]:
-    """Names of (Conv2d, BatchNorm) pairs where the BatchNorm's input is the convolution's output."""
-    names = {m: n for n, m in module.named_modules()}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept so its id is not reused
-    pairs: list[tuple[str, str]] = []
-    uses: dict[str, int] = {}
-
-    def after_conv(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        produced[id(out)] = (names[m], out)
-        uses[names[m]] = uses.get(names[m], 0) + 1
-
-    def before_bn(m: nn.Module, inp: tuple[Any, ...]) -> None:
-        conv = produced.get(id(inp[0]))
-        if conv is not None and conv[1] is inp[0] and _is_plain_batchnorm(m):
-            pairs.append((conv[0], names[m]))
-
-    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if isinstance(m, nn.Conv2d)]
-    hooks += [m.register_forward_pre_hook(before_bn) for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
-    try:
-        run(module)
-    finally:
-        for h in hooks:
-            h.remove()
-    # a convolution called more than once (shared weights) or feeding two norms cannot be folded
-    convs = [c for c, _ in pairs]
-    return [(c, b) for c, b in pairs if uses.get(c) == 1 and convs.count(c) == 1]
-
-
 def _after_norm(bn: nn.Module) -> nn.Module:
     """What is left of ``bn`` once its scale and shift live in the convolution."""
     if type(bn) is nn.BatchNorm2d:
         return nn.Identity()
     return nn.Sequential(bn.drop, bn.act)
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, torch.Tensor):
-        scale = float(a.abs().max()) if a.numel() else 0.0
-        return a.shape == b.shape and bool(torch.allclose(a, b, rtol=1e-3, atol=1e-4 * max(1.0, scale)))
-    if isinstance(a, (list, tuple)):
-        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
-    return a == b
 
 
 @torch.no_grad()
@@ -94,7 +54,7 @@ def fold_batchnorms(module: nn.Module, run: Callable[[nn.Module], Any]) -> tuple
     when nothing can be folded or the check fails, ``(module, 0)`` — the original, unchanged.
     """
     folded = copy.deepcopy(module).eval()
-    pairs = _conv_bn_pairs(folded, run)
+    pairs = direct_feeds(folded, run, lambda m: isinstance(m, nn.Conv2d), _is_plain_batchnorm)
     if not pairs:
         return module, 0
     for conv_name, bn_name in pairs:
@@ -105,14 +65,14 @@ def fold_batchnorms(module: nn.Module, run: Callable[[nn.Module], Any]) -> tuple
         if channels_last:
             weight = nn.Parameter(weight.contiguous(memory_format=torch.channels_last), weight.requires_grad)
         conv.weight, conv.bias = weight, bias
-        _replace(folded, bn_name, _after_norm(bn))
+        replace_submodule(folded, bn_name, _after_norm(bn))
     was_training = module.training
     module.eval()
     try:
         reference = run(module)
     finally:
         module.train(was_training)
-    if not _same(reference, run(folded)):
+    if not same_outputs(reference, run(folded)):
         log.warning("BatchNorm folding changed the outputs of %s; using the unfolded tower", type(module).__name__)
         return module, 0
     return folded, len(pairs)
@@ -153,7 +113,7 @@ class FoldedTowerCache:
             if prepack:
                 from .conv_prepacking import prepack_convolutions
 
-                copy_, prepacked = prepack_convolutions(copy_, run, _same)
+                copy_, prepacked = prepack_convolutions(copy_, run)
             entry = self._built[prepack] = (key, copy_, folded, prepacked)
         _, self._tower, self.folded, self.prepacked = entry
         return self._tower

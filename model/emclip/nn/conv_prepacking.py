@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .inference_copy import direct_feeds, replace_submodule, same_outputs
+
 log = logging.getLogger("emclip")
 
 __all__ = ["PrepackedConv2d", "can_prepack", "prepack_convolutions"]
@@ -110,63 +112,30 @@ class PrepackedConv2d(nn.Module):
                 f"stride={tuple(self.stride)}, groups={self.groups}, activation={self.attr}")
 
 
-def _activation_after(module: nn.Module, run: Callable[[nn.Module], Any]) -> dict[str, tuple[str, type]]:
-    """``{conv name: (activation name, type)}`` where a ReLU/ReLU6 module's input is exactly the
-    convolution's output (found by running ``module`` once; a convolution called twice is left out)."""
-    names = {m: n for n, m in module.named_modules()}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}
-    calls: dict[str, int] = {}
-    found: dict[str, tuple[str, type]] = {}
-
-    def after_conv(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        produced[id(out)] = (names[m], out)
-        calls[names[m]] = calls.get(names[m], 0) + 1
-
-    def before_act(m: nn.Module, inp: tuple[Any, ...]) -> None:
-        conv = produced.get(id(inp[0]))
-        if conv is not None and conv[1] is inp[0]:
-            found[conv[0]] = (names[m], type(m))
-
-    hooks = [m.register_forward_hook(after_conv) for m in module.modules() if _is_convertible(m)]
-    hooks += [m.register_forward_pre_hook(before_act) for m in module.modules() if type(m) in _ACTIVATIONS]
-    try:
-        with torch.no_grad():
-            run(module)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {c: a for c, a in found.items() if calls.get(c) == 1}
-
-
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, attr, new)
-
-
 @torch.no_grad()
-def prepack_convolutions(
-    module: nn.Module, run: Callable[[nn.Module], Any], same: Callable[[Any, Any], bool]
-) -> tuple[nn.Module, int]:
+def prepack_convolutions(module: nn.Module, run: Callable[[nn.Module], Any]) -> tuple[nn.Module, int]:
     """An inference copy of ``module`` with its convolutions as :class:`PrepackedConv2d`.
 
-    ``run(m)`` runs ``m`` on a representative input and returns its output(s); ``same(a, b)``
-    compares two such outputs. Returns ``(copy, n_converted)``, or ``(module, 0)`` when the module
-    cannot be prepacked (:func:`can_prepack`), has no convolution, or the copy's outputs differ.
+    ``run(m)`` runs ``m`` on a representative input and returns its output(s); it is used to find
+    the convolution -> ReLU/ReLU6 pairs and to check the copy (same outputs within rtol 1e-3).
+    Returns ``(copy, n_converted)``, or ``(module, 0)`` when the module cannot be prepacked
+    (:func:`can_prepack`), has no convolution, or the copy's outputs differ.
     """
     if not can_prepack(module):
         return module, 0
     packed = copy.deepcopy(module).eval()
-    fused = _activation_after(packed, run)
+    fused = dict(direct_feeds(packed, run, _is_convertible, lambda m: type(m) in _ACTIVATIONS))
     convs = [n for n, m in packed.named_modules() if _is_convertible(m)]
     if not convs:
         return module, 0
     for name in convs:
         act = fused.get(name)
-        _replace(packed, name, PrepackedConv2d(packed.get_submodule(name), act[1] if act else None))
+        activation = type(packed.get_submodule(act)) if act else None
+        replace_submodule(packed, name, PrepackedConv2d(packed.get_submodule(name), activation))
         if act:
-            _replace(packed, act[0], nn.Identity())
+            replace_submodule(packed, act, nn.Identity())
     try:
-        ok = same(run(module), run(packed))
+        ok = same_outputs(run(module), run(packed))
     except RuntimeError as exc:  # an op this oneDNN build refuses: keep the module
         log.warning("prepacked convolutions failed (%s); using %s as it is", exc, type(module).__name__)
         return module, 0
