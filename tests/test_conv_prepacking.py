@@ -111,3 +111,22 @@ def test_switching_prepacking_off_rebuilds_the_copy(cnn_encoder):
         enc.visual.trunk.conv_stem.weight.mul_(1.1)
     _features(enc, x, True)
     assert enc._folded._tower is not packed and enc._folded.prepacked > 0
+
+
+def test_weights_are_reordered_again_when_the_thread_count_changes(cnn_encoder):
+    """oneDNN's weight layout depends on the thread count: weights packed at 2 threads and run at
+    1 were 20-30x slower, so a new count gets its own packed weights (and the same features)."""
+    enc = cnn_encoder
+    x = torch.randn(1, 3, 64, 64)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        first = _features(enc, x, True)
+        stem = enc._folded._tower.conv_stem
+        assert [k[-1] for k in stem._packed] == [2]
+        torch.set_num_threads(1)
+        again = _features(enc, x, True)
+        assert [k[-1] for k in stem._packed] == [2, 1]
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(first, again))

@@ -3,7 +3,7 @@
 Eager ``F.conv2d`` on a CPU converts a convolution's weights to oneDNN's blocked layout on
 every call. :func:`prepack_convolutions` returns a copy of a module in which each plain
 ``nn.Conv2d`` (and timm's ``Conv2dSame``) is a :class:`PrepackedConv2d`: it converts its weights
-once per input shape and runs ``torch.ops.mkldnn._convolution_pointwise``, the convolution
+once per input shape and thread count and runs ``torch.ops.mkldnn._convolution_pointwise``, the convolution
 ``torch.compile``'s CPU backend emits, with a ReLU or ReLU6 that directly follows the
 convolution applied inside it. On the bundled model's BatchNorm-folded EfficientNet tower this
 makes the whole batch-1 forward x0.88 at 2 threads with bit-identical outputs (BENCHMARKS.md,
@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .inference_copy import direct_feeds, replace_submodule, same_outputs
@@ -31,7 +32,8 @@ log = logging.getLogger("emclip")
 __all__ = ["PrepackedConv2d", "can_prepack", "prepack_convolutions"]
 
 MAX_SHAPES = 4
-"""Weights kept in oneDNN's layout for at most this many input shapes per convolution (LRU)."""
+"""Weights kept in oneDNN's layout for at most this many input shapes (and thread counts) per
+convolution (LRU)."""
 
 _ACTIVATIONS: dict[type, tuple[str, list[float]]] = {nn.ReLU6: ("hardtanh", [0.0, 6.0]), nn.ReLU: ("relu", [])}
 
@@ -69,7 +71,8 @@ def _is_convertible(m: nn.Module) -> bool:
 
 
 class PrepackedConv2d(nn.Module):
-    """A ``Conv2d`` (float32, CPU, inference) whose weights are reordered once per input shape.
+    """A ``Conv2d`` (float32, CPU, inference) whose weights are reordered once per input shape
+    and torch thread count.
 
     ``activation``: None, ``nn.ReLU`` or ``nn.ReLU6`` applied to the output inside the op.
     """
@@ -85,27 +88,38 @@ class PrepackedConv2d(nn.Module):
         self.weight = conv.weight.detach().contiguous()
         self.bias = None if conv.bias is None else conv.bias.detach().contiguous()
         self.attr, self.scalars = _ACTIVATIONS[activation] if activation else ("none", [])
-        self._packed: dict[tuple[int, ...], torch.Tensor] = {}
+        self._packed: dict[tuple[int, ...], tuple[torch.Tensor, tuple[int, ...] | None]] = {}
+        self._conv = _ops()[0]
 
-    def _weight_for(self, shape: tuple[int, ...]) -> torch.Tensor:
-        packed = self._packed.pop(shape, None)
-        if packed is None:
+    def _weight_for(self, shape: tuple[int, ...]) -> tuple[torch.Tensor, tuple[int, ...] | None]:
+        """Packed weights and the "same" padding ``(left, right, top, bottom)`` for an input
+        ``shape``, cached together."""
+        # oneDNN picks its kernel, and so the weight layout, for the input shape and the thread
+        # count: weights packed for 2 threads run 20-30x slower at 1 thread (BENCHMARKS.md).
+        key = (*shape, torch.get_num_threads())
+        entry = self._packed.pop(key, None)
+        if entry is None:
             _, reorder = _ops()
-            packed = reorder(self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups,
-                             list(shape))
+            pad = None
+            if self.same_padding:  # timm's Conv2dSame: TF "same" padding for this input size
+                from timm.layers.padding import pad_same_arg
+
+                pad = tuple(pad_same_arg(list(shape[-2:]), list(self.kernel_size), self.stride, self.dilation))
+                pad = pad if any(pad) else None
+            padded = list(shape) if pad is None else [*shape[:-2], shape[-2] + pad[2] + pad[3], shape[-1] + pad[0] + pad[1]]
+            weight = reorder(self.weight.to_mkldnn(), self.padding, self.stride, self.dilation, self.groups, padded)
+            entry = (weight, pad)
             while len(self._packed) >= MAX_SHAPES:
                 self._packed.pop(next(iter(self._packed)))
-        self._packed[shape] = packed  # most recently used last
-        return packed
+        self._packed[key] = entry  # most recently used last
+        return entry
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.same_padding:
-            from timm.layers.padding import pad_same
-
-            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        conv, _ = _ops()
-        return conv(x, self._weight_for(tuple(x.shape)), self.bias, self.padding, self.stride, self.dilation,
-                    self.groups, self.attr, self.scalars, "")
+        weight, pad = self._weight_for(tuple(x.shape))
+        if pad is not None:
+            x = F.pad(x, pad)
+        return self._conv(x, weight, self.bias, self.padding, self.stride, self.dilation, self.groups, self.attr,
+                          self.scalars, "")
 
     def extra_repr(self) -> str:
         return (f"{self.weight.shape[1] * self.groups}, {self.weight.shape[0]}, kernel_size={self.kernel_size}, "
