@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 
 import torch
-from emclip.nn.bn_folding import fold_batchnorms
+from emclip.nn.bn_folding import fold_batchnorms, tower_state
 from torch import nn
 
 
@@ -44,6 +44,55 @@ def test_weights_changed_in_place_rebuild_the_copy(cnn_encoder):
     plain, folded = _both(enc, x)
     assert enc._folded._tower is not first
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(plain, folded))
+
+
+def test_weights_replaced_or_moved_rebuild_the_copy(cnn_encoder):
+    """Not only in-place changes: a new Parameter, new storage (``.data =``, as ``.to()`` does) and
+    a swapped submodule must each give a new folded copy with the new weights."""
+    enc = cnn_encoder
+    x = torch.randn(1, 3, 64, 64)
+    trunk = enc.visual.trunk
+    block = trunk.blocks[3][0]
+    changes = [
+        lambda: setattr(block.conv_pw, "weight", nn.Parameter(block.conv_pw.weight.detach() * 1.1)),
+        lambda: setattr(block.conv_pwl.weight, "data", block.conv_pwl.weight.detach() * 0.9),
+        lambda: setattr(block, "bn2", _renormed(block.bn2)),
+    ]
+    for change in changes:
+        _both(enc, x)
+        before = enc._folded._tower
+        with torch.no_grad():
+            change()
+        plain, folded = _both(enc, x)
+        assert enc._folded._tower is not before
+        assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(plain, folded))
+
+
+def _renormed(bn: nn.Module) -> nn.Module:
+    import copy
+
+    new = copy.deepcopy(bn)
+    with torch.no_grad():
+        new.running_mean.add_(0.5)
+    return new
+
+
+def test_tower_state_sees_training_anywhere_and_every_kind_of_weight_change():
+    m = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.BatchNorm2d(4), nn.ReLU())).eval()
+    training, key = tower_state(m)
+    assert not training and tower_state(m) == (False, key)  # stable while nothing changes
+    m[1][1].train()
+    assert tower_state(m)[0]
+    m.eval()
+    with torch.no_grad():
+        m[0].bias.add_(1.0)
+    assert tower_state(m)[1] != key
+    key = tower_state(m)[1]
+    m[1][0].running_var = torch.ones(4)  # a replaced buffer
+    assert tower_state(m)[1] != key
+    key = tower_state(m)[1]
+    m[1][1] = nn.Sequential(nn.BatchNorm2d(4))  # new parameters under a swapped submodule
+    assert tower_state(m)[1] != key
 
 
 def test_training_and_gradients_use_the_tower_itself(cnn_encoder):

@@ -17,17 +17,18 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .inference_copy import direct_feeds, replace_submodule, same_outputs
+from .inference_copy import direct_feeds, flatten, replace_submodule, same_outputs
 
 log = logging.getLogger("emclip")
 
-__all__ = ["FoldedTowerCache", "fold_batchnorms"]
+__all__ = ["FoldedTowerCache", "fold_batchnorms", "tower_state"]
 
 
 def _is_plain_batchnorm(m: nn.Module) -> bool:
@@ -78,45 +79,90 @@ def fold_batchnorms(module: nn.Module, run: Callable[[nn.Module], Any]) -> tuple
     return folded, len(pairs)
 
 
-def _weights_key(module: nn.Module) -> tuple:
-    """Changes whenever any parameter or buffer is modified in place, replaced or moved."""
-    return tuple((t.data_ptr(), 0 if t.is_inference() else t._version, t.dtype, t.device)
-                 for t in (*module.parameters(), *module.buffers()))
+def tower_state(module: nn.Module) -> tuple[bool, tuple]:
+    """``(training, key)`` of ``module`` in one pass over its tree: whether any submodule is in
+    training mode, and a key that changes whenever any parameter or buffer is modified in place,
+    replaced or moved (or a submodule replaced). It runs before every inference call, so it walks
+    the private ``_modules``/``_parameters``/``_buffers`` dicts itself: ~0.2 ms on
+    EfficientNet-Lite0 against ~0.8 ms for ``modules()`` + ``parameters()`` + ``buffers()``."""
+    training = False
+    key: list[tuple] = []
+    seen: set[int] = set()
+    stack = [module]
+    while stack:
+        m = stack.pop()
+        if id(m) in seen:
+            continue
+        seen.add(id(m))
+        training = training or m.training
+        for t in m._parameters.values():
+            if t is not None:
+                key.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
+        for t in m._buffers.values():
+            if t is not None:
+                key.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
+        stack.extend(m._modules.values())
+    return training, tuple(key)
+
+
+@dataclass
+class _Copy:
+    key: tuple
+    module: nn.Module
+    folded: int
+    prepacked: int
+    flat: Callable[[torch.Tensor], Any] | None
 
 
 class FoldedTowerCache:
     """A BatchNorm-folded copy of a tower (one per ``prepack`` setting), rebuilt when the tower's
     weights change; with ``prepack`` its convolutions also keep their weights in oneDNN's layout
-    (:mod:`.conv_prepacking`).
+    (:mod:`.conv_prepacking`) and it runs as one flat function (:func:`.inference_copy.flatten`).
 
     Not an ``nn.Module`` on purpose: the copy is neither in the owner's ``state_dict`` nor in its
     ``parameters()``, so saving, fine-tuning and optimisers only ever see the original.
     """
 
     def __init__(self) -> None:
-        self._built: dict[bool, tuple[tuple, nn.Module, int, int]] = {}  # prepack -> (key, copy, folded, prepacked)
+        self._built: dict[bool, _Copy] = {}  # one per prepack setting
         self._tower: nn.Module | None = None
         self.folded = 0
         self.prepacked = 0
+        self.flattened = False
 
-    def get(self, tower: nn.Module, run: Callable[[nn.Module], Any], prepack: bool = False) -> nn.Module:
-        """The folded copy of ``tower`` (built with ``run``, see :func:`fold_batchnorms`); with
-        ``prepack``, its convolutions prepacked (:func:`.conv_prepacking.prepack_convolutions`).
-        One copy is kept per value of ``prepack``, so switching it back and forth rebuilds nothing."""
-        key = _weights_key(tower)
+    def run(self, tower: nn.Module, call: Callable[[nn.Module, torch.Tensor], Any], x: torch.Tensor,
+            prepack: bool = False, key: tuple | None = None) -> Any:
+        """``call(copy, x)`` with the folded copy of ``tower`` (built on ``x``, see
+        :func:`fold_batchnorms`); with ``prepack``, its convolutions prepacked
+        (:func:`.conv_prepacking.prepack_convolutions`) and the whole call flattened. One copy is
+        kept per value of ``prepack``, so switching it back and forth rebuilds nothing. ``key``:
+        ``tower_state(tower)[1]`` when the caller has it already."""
+        if key is None:
+            key = tower_state(tower)[1]
         prepack = bool(prepack)
         entry = self._built.get(prepack)
-        if entry is None or entry[0] != key:
-            self._built = {p: e for p, e in self._built.items() if e[0] == key}  # drop copies of old weights
-            copy_, folded = fold_batchnorms(tower, run)
-            prepacked = 0
-            if prepack:
-                from .conv_prepacking import prepack_convolutions
+        if entry is None or entry.key != key:
+            self._built = {p: e for p, e in self._built.items() if e.key == key}  # drop copies of old weights
+            entry = self._built[prepack] = self._build(tower, call, x, prepack, key)
+        self._tower, self.folded, self.prepacked = entry.module, entry.folded, entry.prepacked
+        self.flattened = entry.flat is not None
+        return entry.flat(x) if entry.flat is not None else call(entry.module, x)
 
-                copy_, prepacked = prepack_convolutions(copy_, run)
-            entry = self._built[prepack] = (key, copy_, folded, prepacked)
-        _, self._tower, self.folded, self.prepacked = entry
-        return self._tower
+    @staticmethod
+    def _build(tower: nn.Module, call: Callable[[nn.Module, torch.Tensor], Any], x: torch.Tensor,
+               prepack: bool, key: tuple) -> _Copy:
+        def run(m: nn.Module) -> Any:
+            return call(m, x)
+
+        module, folded = fold_batchnorms(tower, run)
+        prepacked, flat = 0, None
+        if prepack:
+            from .conv_prepacking import PrepackedConv2d, prepack_convolutions
+
+            module, prepacked = prepack_convolutions(module, run)
+            if prepacked:
+                flat = flatten(module, call, x, leaves=(PrepackedConv2d,))
+        return _Copy(key, module, folded, prepacked, flat)
 
     def __deepcopy__(self, memo: dict) -> FoldedTowerCache:
         return FoldedTowerCache()  # a copied model folds its own tower when first used

@@ -30,7 +30,7 @@ from torch import nn
 from ..config import ImageEncoderConfig
 from ..errors import ConfigError
 from . import towers
-from .bn_folding import FoldedTowerCache
+from .bn_folding import FoldedTowerCache, tower_state
 
 log = logging.getLogger(__name__)
 
@@ -211,7 +211,8 @@ class TimmEncoder(ImageEncoder):
     the same pyramid as :class:`OpenCLIPViTEncoder`. ``fold_batchnorm`` (default True): a CNN
     trunk called in eval mode without gradients runs a BatchNorm-folded copy (:mod:`.bn_folding`);
     ``prepack_convolutions`` (default True): on the CPU in float32, that copy's convolutions keep
-    their weights in oneDNN's layout (:mod:`.conv_prepacking`)."""
+    their weights in oneDNN's layout (:mod:`.conv_prepacking`) and it runs as one flat function
+    (:func:`.inference_copy.flatten`)."""
 
     def __init__(self, visual: nn.Module, indices: list[int] | None, image_size: int, freeze: bool = False) -> None:
         trunk = visual.trunk
@@ -249,12 +250,7 @@ class TimmEncoder(ImageEncoder):
             self.strides = [reductions[i] for i in indices]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x = self._input(x)
-
-        def run(trunk: nn.Module) -> list[torch.Tensor]:
-            return trunk.forward_intermediates(x, indices=self.indices, intermediates_only=True, stop_early=True)
-
-        feats = run(self._trunk_for_this_call(run))
+        feats = self._run_trunk(self._input(x))
         if self.pyramid is not None:
             return self.pyramid(feats)
         # A channels-last tower hands its maps on channels-last: the decoder's convolutions then
@@ -262,16 +258,21 @@ class TimmEncoder(ImageEncoder):
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return [f.contiguous(memory_format=fmt) for f in feats]
 
-    def _trunk_for_this_call(self, run) -> nn.Module:
+    def _call_trunk(self, trunk: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+        return trunk.forward_intermediates(x, indices=self.indices, intermediates_only=True, stop_early=True)
+
+    def _run_trunk(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Inference without gradients (every trunk module in eval mode, ``fold_batchnorm``) runs a
         BatchNorm-folded copy of a CNN trunk (:mod:`.bn_folding`, same outputs, fewer passes over
         memory); training (of any module, e.g. norms re-estimating their statistics), gradients and
         ViTs run the trunk itself."""
         trunk = self.visual.trunk
-        if (self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm
-                or any(m.training for m in trunk.modules())):
-            return trunk
-        return self._folded.get(trunk, run, prepack=self.prepack_convolutions)
+        if self.is_vit or torch.is_grad_enabled() or not self.fold_batchnorm:
+            return self._call_trunk(trunk, x)
+        training, key = tower_state(trunk)
+        if training:
+            return self._call_trunk(trunk, x)
+        return self._folded.run(trunk, self._call_trunk, x, prepack=self.prepack_convolutions, key=key)
 
     def _early_modules(self, stages: int) -> list[nn.Module]:
         trunk = self.visual.trunk

@@ -1,15 +1,19 @@
 """What the inference copies of a tower (:mod:`.bn_folding`, :mod:`.conv_prepacking`) share:
-finding which module's output goes straight into which, swapping submodules, comparing outputs."""
+finding which module's output goes straight into which, swapping submodules, comparing outputs,
+and running a copy as one flat generated function."""
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
+from torch import fx, nn
 
-__all__ = ["direct_feeds", "replace_submodule", "same_outputs"]
+log = logging.getLogger("emclip")
+
+__all__ = ["direct_feeds", "flatten", "replace_submodule", "same_outputs"]
 
 
 def direct_feeds(
@@ -62,3 +66,47 @@ def same_outputs(a: Any, b: Any) -> bool:
     if isinstance(a, (list, tuple)):
         return len(a) == len(b) and all(same_outputs(x, y) for x, y in zip(a, b))
     return a == b
+
+
+def flatten(
+    module: nn.Module,
+    call: Callable[[nn.Module, torch.Tensor], Any],
+    x: torch.Tensor,
+    leaves: tuple[type, ...],
+) -> Callable[[torch.Tensor], Any] | None:
+    """``call(module, ·)`` as one generated function (``torch.fx``): the blocks and containers
+    around the ``leaves`` are inlined and the ``nn.Identity`` placeholders that folding leaves
+    behind are dropped, so an EfficientNet-Lite0 forward makes 48 module calls instead of ~270
+    (x0.97 of the whole batch-1 forward, BENCHMARKS.md, issue 6). Nothing is baked in from ``x``:
+    shapes stay free. Returns None when ``call`` cannot be traced (Python that branches on
+    values or shapes) or the function's outputs on ``x`` differ from ``call(module, x)``."""
+
+    class _Call(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = module
+
+        def forward(self, inp: torch.Tensor) -> Any:
+            return call(self.inner, inp)
+
+    class _Tracer(fx.Tracer):
+        def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+            return isinstance(m, leaves) or super().is_leaf_module(m, qualified_name)
+
+    root = _Call()
+    try:
+        flat = fx.GraphModule(root, _Tracer().trace(root))
+        for node in list(flat.graph.nodes):
+            if node.op == "call_module" and isinstance(flat.get_submodule(node.target), nn.Identity):
+                node.replace_all_uses_with(node.args[0])
+                flat.graph.erase_node(node)
+        flat.recompile()
+        with torch.no_grad():
+            ok = same_outputs(call(module, x), flat(x))
+    except Exception as exc:  # noqa: BLE001 - fx fails in many ways on arbitrary towers; they run as modules
+        log.debug("%s runs as modules: it cannot be flattened (%s)", type(module).__name__, exc)
+        return None
+    if not ok:
+        log.warning("the flattened %s changed the outputs; it runs as modules", type(module).__name__)
+        return None
+    return flat
