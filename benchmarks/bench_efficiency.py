@@ -161,6 +161,9 @@ def main() -> None:
                    help="add a TorchScript variant: trace, torch.jit.freeze (folds BatchNorm into the "
                         "convolutions), optimize_for_inference (oneDNN layouts, fused conv+activation)")
     p.add_argument("--no-variants", action="store_true", help="skip the bf16 / batch-4 variants")
+    p.add_argument("--settle", type=int, default=1,
+                   help="untimed calls of a model right before each timed one (default 1), so each is timed in "
+                        "its own steady state, not just after another model's forward (0: the session-7 method)")
     args = p.parse_args()
     threads = common.setup_threads(args.threads)
     import torch
@@ -217,7 +220,7 @@ def main() -> None:
         for name, fn in timed.items():
             fn()  # builds the plain-convolution copy of the tower outside the counter
             flops[name], _ = count_flops(fn)
-    res = common.interleaved(timed, rounds, warmup, baseline="emclip (cpu-default)")
+    res = common.interleaved(timed, rounds, warmup, baseline="emclip (cpu-default)", settle=args.settle)
     peak_after = common.matmul_peak(mm_sizes, repeats=3 if args.quick else 9)
     peak = max(peak_before["peak_flop_per_s"], peak_after["peak_flop_per_s"])
     peak_cpu = max(peak_before["peak_flop_per_cpu_s"], peak_after["peak_flop_per_cpu_s"])
@@ -248,7 +251,7 @@ def main() -> None:
         "image_encoder": inference(lambda: enc(x)),
         "decoder": inference(lambda: dec(feats, text, mask)),
     }
-    parts_res = common.interleaved(parts_fn, rounds, warmup)
+    parts_res = common.interleaved(parts_fn, rounds, warmup, settle=args.settle)
     parts = {}
     for name, fn in parts_fn.items():
         with switched_off("prepack_convolutions", model):
@@ -325,7 +328,7 @@ def main() -> None:
                     return frozen(x)
 
             variants["jit.freeze + optimize_for_inference"] = froz
-        variants_res = common.interleaved(variants, rounds, warmup, baseline="eager fp32")
+        variants_res = common.interleaved(variants, rounds, warmup, baseline="eager fp32", settle=args.settle)
         for name, per_call in (("batch 4 (per image)", 4.0), (MIRROR_PAIR, 2.0)):
             if name not in variants_res["times"]:
                 continue
@@ -363,6 +366,7 @@ def main() -> None:
         # glibc's adaptive malloc thresholds depend on the process's history: some processes
         # fault in thousands of fresh pages per forward (a few ms of system time), others none
         "emclip_minor_faults_per_forward": faults,
+        "settle": args.settle,
         "compile": compile_info,
         "freeze": freeze_info,
         "meets_target": ratio >= TARGET_RATIO,
@@ -374,7 +378,8 @@ def main() -> None:
     for name, r in per_model.items():
         print(f"{name:22s} {r['gflops']:.3f} GFLOP in {common.ms(r['seconds']['median'])} -> "
               f"{r['achieved_gflop_per_s']:.1f} GFLOP/s = {r['fraction_of_peak']:.2f} of peak "
-              f"(best-of-N {r['fraction_of_peak_best']:.2f}, by CPU seconds {r['fraction_of_peak_cpu']:.2f})")
+              f"(best-of-N {r['fraction_of_peak_best']:.2f}, by CPU seconds {r['fraction_of_peak_cpu']:.2f}; "
+              f"{r['seconds']['minor_faults']['median']:.0f} page faults per timed call)")
     for name, r in parts.items():
         print(f"  {name:14s} {r['gflops']:.3f} GFLOP {common.ms(r['median_s'])} -> {r['fraction_of_peak']:.2f} of peak "
               f"(best {common.ms(r['best_s'])} -> {r['fraction_of_peak_best']:.2f})")

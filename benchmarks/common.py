@@ -247,8 +247,16 @@ def interleaved(
     warmup: int = 3,
     baseline: str | None = None,
     device: Any = None,
+    settle: int = 0,
 ) -> dict[str, Any]:
     """Time ``variants`` side by side: each round calls every variant once (order rotated).
+
+    ``settle`` (default 0): untimed calls of a variant right before each of its timed calls, so
+    it is timed in its own steady state rather than just after another variant. It matters when
+    the variants differ in memory: after a ViT-B/16 forward glibc has returned the freed memory
+    to the OS, and the next EM-CLIP forward faults ~3,000 pages back in (+15 %), which no run of
+    the app pays (BENCHMARKS.md, issue 6). Minor page faults of the timed calls are recorded
+    (``minor_faults``).
 
     Returns ``{"times": {name: summary}, "ratios": {name: summary of time / baseline time per
     round}}`` (ratios when ``baseline`` names one of the variants).
@@ -260,17 +268,25 @@ def interleaved(
     sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     cpu: dict[str, list[float]] = {n: [] for n in names}
+    faults: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names[r % len(names):] + names[: r % len(names)]
         for name in order:
+            for _ in range(settle):
+                variants[name]()
+            sync(device)
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             c0, t0 = time.process_time(), time.perf_counter()
             variants[name]()
             sync(device)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     out: dict[str, Any] = {
-        "times": {n: {**summary(t), "cpu": summary(cpu[n])} for n, t in times.items()},
+        "times": {n: {**summary(t), "cpu": summary(cpu[n]), "minor_faults": summary(faults[n])}
+                  for n, t in times.items()},
         "rounds": rounds,
+        "settle": settle,
     }
     if baseline is not None:
         base = times[baseline]
