@@ -35,6 +35,35 @@ def test_the_prepacked_tower_runs_flat_with_only_its_convolutions_as_calls(cnn_e
         assert not cache.flattened
 
 
+def test_a_flat_function_that_fails_where_the_modules_do_not_is_dropped(cnn_encoder, caplog):
+    enc = cnn_encoder
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        expected = enc(x)
+        entry = enc._folded._built[True]
+        assert entry.flat is not None
+
+        def broken(inp):
+            raise RuntimeError("not traced for this")
+
+        entry.flat = broken
+        with caplog.at_level(logging.WARNING, logger="emclip"):
+            got = enc(x)
+        assert "runs as modules from now on" in caplog.text
+        assert entry.flat is None and not enc._folded.flattened
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+
+
+def test_an_input_the_modules_refuse_too_keeps_the_flat_function(cnn_encoder):
+    enc = cnn_encoder
+    with torch.no_grad():
+        enc(torch.randn(1, 3, 64, 64))
+        flat = enc._folded._built[True].flat
+        with pytest.raises(RuntimeError):
+            enc(torch.randn(1, 3, 64, 64, dtype=torch.float64))  # wrong dtype for the float32 weights
+    assert enc._folded._built[True].flat is flat
+
+
 class _BranchesOnValues(nn.Module):
     def __init__(self) -> None:
         super().__init__()

@@ -136,7 +136,8 @@ class FoldedTowerCache:
         :func:`fold_batchnorms`); with ``prepack``, its convolutions prepacked
         (:func:`.conv_prepacking.prepack_convolutions`) and the whole call flattened. One copy is
         kept per value of ``prepack``, so switching it back and forth rebuilds nothing. ``key``:
-        ``tower_state(tower)[1]`` when the caller has it already."""
+        anything that changes with the tower's weights and with what ``call`` does, default
+        ``tower_state(tower)[1]`` (the flat function bakes in ``call``'s arguments)."""
         if key is None:
             key = tower_state(tower)[1]
         prepack = bool(prepack)
@@ -146,7 +147,16 @@ class FoldedTowerCache:
             entry = self._built[prepack] = self._build(tower, call, x, prepack, key)
         self._tower, self.folded, self.prepacked = entry.module, entry.folded, entry.prepacked
         self.flattened = entry.flat is not None
-        return entry.flat(x) if entry.flat is not None else call(entry.module, x)
+        if entry.flat is None:
+            return call(entry.module, x)
+        try:
+            return entry.flat(x)
+        except Exception as exc:  # noqa: BLE001 - decided below by whether the modules take the input
+            out = call(entry.module, x)  # a bad input raises here too, and the flat function stays
+            log.warning("the flattened %s failed on a %s input (%s); it runs as modules from now on",
+                        type(tower).__name__, tuple(x.shape), exc)
+            entry.flat, self.flattened = None, False
+            return out
 
     @staticmethod
     def _build(tower: nn.Module, call: Callable[[nn.Module, torch.Tensor], Any], x: torch.Tensor,

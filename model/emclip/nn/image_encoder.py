@@ -272,7 +272,8 @@ class TimmEncoder(ImageEncoder):
         training, key = tower_state(trunk)
         if training:
             return self._call_trunk(trunk, x)
-        return self._folded.run(trunk, self._call_trunk, x, prepack=self.prepack_convolutions, key=key)
+        return self._folded.run(trunk, self._call_trunk, x, prepack=self.prepack_convolutions,
+                                key=(tuple(self.indices), key))
 
     def _early_modules(self, stages: int) -> list[nn.Module]:
         trunk = self.visual.trunk
