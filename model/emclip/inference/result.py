@@ -80,13 +80,12 @@ class SegmentationResult:
                 labels[self.masks[i]] = i + 1
             return labels
         order = np.argsort(-np.asarray(self.scores, dtype=np.float64), kind="stable")
-        masks = self.masks[order]
-        probs = self.probabilities[order]
         rows = max(1, 4_000_000 // max(1, int(np.prod(self.masks.shape[2:], dtype=np.int64)) * n))
         for start in range(0, labels.shape[0], rows):  # blocks bound the temporary memory
             sl = slice(start, start + rows)
-            m = masks[:, sl]
-            key = np.where(m, probs[:, sl], -1.0)
+            m = self.masks[:, sl][order]  # reordered block by block: no copy of the whole arrays
+            key = np.where(m, self.probabilities[:, sl][order], -1.0)
             best = order[np.argmax(key, axis=0)] + 1
             labels[sl] = np.where(m.any(axis=0), best, 0).astype(dtype)
+            del m, key, best  # before the next block's temporaries exist
         return labels
