@@ -16,6 +16,7 @@ from emclip.preprocess import (
     intensity_range,
     letterbox,
     letterbox_geometry,
+    percentiles_by_counting,
     robust_range,
     subsample,
     to_float_rgb,
@@ -173,3 +174,27 @@ def test_unletterbox_maps_back_to_the_image_grid():
     # several maps at once keep their leading axes
     many = unletterbox(torch.zeros(2, 3, 96, 96), geo)
     assert tuple(many.shape) == (2, 3, h, w)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int8, np.uint16, np.int16, np.bool_])
+def test_counted_percentiles_equal_numpy_to_the_last_bit(dtype):
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 1001, 50_000):
+        if dtype is np.bool_:
+            arrays = [rng.random(n) > 0.7]
+        else:
+            info = np.iinfo(dtype)
+            arrays = [rng.integers(info.min, info.max, n, endpoint=True).astype(dtype),
+                      np.clip(rng.exponential(20, n) + info.min, info.min, info.max).astype(dtype),
+                      np.full(n, 5, dtype)]
+        for a in arrays:
+            for ps in ((0.5, 99.5), (0, 100), (50, 50), (33.3, 66.7)):
+                expected = [float(v) for v in np.percentile(a.astype(np.float64), ps)]
+                assert percentiles_by_counting(a, ps) == expected, (dtype, n, ps)
+
+
+def test_counting_is_only_for_small_integer_types_and_robust_range_agrees_either_way():
+    img = np.random.default_rng(4).integers(0, 256, (64, 48, 3)).astype(np.uint8)
+    assert percentiles_by_counting(img.astype(np.float32), (1, 99)) is None
+    assert percentiles_by_counting(img.astype(np.int32), (1, 99)) is None
+    assert robust_range(img) == robust_range(img.astype(np.float32))  # counted vs sorted
