@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from emclip.nn.conv_prepacking import PrepackedConv2d, can_prepack
-from emclip.nn.inference_copy import flatten
+from emclip.nn.inference_copy import flatten, submodules
 from torch import nn
 
 
@@ -97,3 +97,13 @@ def test_identity_placeholders_are_dropped_and_leaves_kept():
     assert len(ops) == 3 and not any("Identity" in type(flat.get_submodule(t)).__name__ for o, t in ops if o == "call_module")
     with torch.no_grad():
         assert torch.equal(flat(x), m(x))
+
+
+def test_submodules_are_modules_without_the_names(tiny_model):
+    shared = nn.Linear(2, 2)
+    m = nn.Sequential(shared, nn.Sequential(shared, nn.ReLU()), nn.Identity())
+    for module in (m, tiny_model):
+        walked = list(submodules(module))
+        assert len(walked) == len({id(x) for x in walked})  # each once, shared ones too
+        assert {id(x) for x in walked} == {id(x) for x in module.modules()}
+

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from ..callbacks import ProgressCallback, report
+from ..nn.inference_copy import submodules
 from ..preprocess import unletterbox
 from .model_loading import model_device, model_dtype
 
@@ -46,7 +47,7 @@ def inference_state(net: torch.nn.Module, device: torch.device) -> Iterator[None
     """Eval mode on ``device`` for the duration; training flag and device restored afterwards."""
     was_training = net.training
     # eval()/train() walk every module (~450 in EM-CLIP, 3-10 ms per call): only when needed
-    switch = any(module.training for module in net.modules())
+    switch = any(module.training for module in submodules(net))
     original = model_device(net)
     if original != device:
         net.to(device)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from .inference_copy import direct_feeds, flatten, replace_submodule, same_outputs
+from .inference_copy import direct_feeds, flatten, replace_submodule, same_outputs, submodules
 
 log = logging.getLogger("emclip")
 
@@ -83,17 +83,11 @@ def tower_state(module: nn.Module) -> tuple[bool, tuple]:
     """``(training, key)`` of ``module`` in one pass over its tree: whether any submodule is in
     training mode, and a key that changes whenever any parameter or buffer is modified in place,
     replaced or moved (or a submodule replaced). It runs before every inference call, so it walks
-    the private ``_modules``/``_parameters``/``_buffers`` dicts itself: ~0.2 ms on
-    EfficientNet-Lite0 against ~0.8 ms for ``modules()`` + ``parameters()`` + ``buffers()``."""
+    the private ``_modules``/``_parameters``/``_buffers`` dicts (:func:`.inference_copy.submodules`):
+    ~0.2 ms on EfficientNet-Lite0 against ~0.8 ms for ``modules()`` + ``parameters()`` + ``buffers()``."""
     training = False
     key: list[tuple] = []
-    seen: set[int] = set()
-    stack = [module]
-    while stack:
-        m = stack.pop()
-        if id(m) in seen:
-            continue
-        seen.add(id(m))
+    for m in submodules(module):
         training = training or m.training
         for t in m._parameters.values():
             if t is not None:
@@ -101,7 +95,6 @@ def tower_state(module: nn.Module) -> tuple[bool, tuple]:
         for t in m._buffers.values():
             if t is not None:
                 key.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
-        stack.extend(m._modules.values())
     return training, tuple(key)
 
 
