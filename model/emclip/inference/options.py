@@ -63,8 +63,10 @@ def check_min_area(min_area: Optional[int], hw: tuple[int, int]) -> int:
 
 def check_mirror(mirror: Optional[bool]) -> Optional[bool]:
     """``mirror`` as given if it is None (the model's default) or a bool, else :class:`InvalidArgumentError`."""
-    if mirror is None or isinstance(mirror, (bool, np.bool_)):
-        return None if mirror is None else bool(mirror)
+    if mirror is None:
+        return None
+    if isinstance(mirror, (bool, np.bool_)):
+        return bool(mirror)
     raise InvalidArgumentError(
         f"mirror must be True, False or None (the model's default), got {mirror!r}"
     )

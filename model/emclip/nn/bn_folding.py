@@ -118,10 +118,26 @@ class FoldedTowerCache:
 
     def __init__(self) -> None:
         self._built: dict[bool, _Copy] = {}  # one per prepack setting
-        self._tower: nn.Module | None = None
-        self.folded = 0
-        self.prepacked = 0
-        self.flattened = False
+        self._current: _Copy | None = None  # the copy the last call ran
+
+    @property
+    def _tower(self) -> nn.Module | None:
+        return None if self._current is None else self._current.module
+
+    @property
+    def folded(self) -> int:
+        """BatchNorms folded in the copy the last call ran."""
+        return 0 if self._current is None else self._current.folded
+
+    @property
+    def prepacked(self) -> int:
+        """Convolutions prepacked in the copy the last call ran."""
+        return 0 if self._current is None else self._current.prepacked
+
+    @property
+    def flattened(self) -> bool:
+        """Whether the last call's copy runs as one flat function."""
+        return self._current is not None and self._current.flat is not None
 
     def run(self, tower: nn.Module, call: Callable[[nn.Module, torch.Tensor], Any], x: torch.Tensor,
             prepack: bool = False, key: tuple | None = None) -> Any:
@@ -138,8 +154,7 @@ class FoldedTowerCache:
         if entry is None or entry.key != key:
             self._built = {p: e for p, e in self._built.items() if e.key == key}  # drop copies of old weights
             entry = self._built[prepack] = self._build(tower, call, x, prepack, key)
-        self._tower, self.folded, self.prepacked = entry.module, entry.folded, entry.prepacked
-        self.flattened = entry.flat is not None
+        self._current = entry
         if entry.flat is None:
             return call(entry.module, x)
         try:
@@ -148,7 +163,7 @@ class FoldedTowerCache:
             out = call(entry.module, x)  # a bad input raises here too, and the flat function stays
             log.warning("the flattened %s failed on a %s input (%s); it runs as modules from now on",
                         type(tower).__name__, tuple(x.shape), exc)
-            entry.flat, self.flattened = None, False
+            entry.flat = None
             return out
 
     @staticmethod
