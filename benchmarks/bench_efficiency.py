@@ -49,6 +49,18 @@ def paired_fraction(res: dict, name: str, flops: float, probe_flops: float, per_
     return common.summary([(flops * per_call / t) / (probe_flops / tp) for t, tp in zip(calls, probes)])
 
 
+def parts_together(res: dict, names: list[str], flops: float, probe_flops: float, peak: float) -> dict:
+    """The parts of the forward, each timed alone in its own steady state, summed per round.
+    Beside the whole forward it shows what running them one after the other costs (caches,
+    allocation, the calls between them)."""
+    rounds = list(zip(*(res["times"][n]["samples"] for n in names)))
+    probes = res["times"][PROBE]["samples"]
+    seconds = common.summary([sum(r) for r in rounds])
+    return {"gflops": flops / 1e9, "seconds": seconds, "fraction_of_peak": flops / seconds["median"] / peak,
+            "fraction_of_peak_paired": common.summary([(flops / sum(r)) / (probe_flops / tp)
+                                                       for r, tp in zip(rounds, probes)])}
+
+
 def count_flops(fn) -> tuple[float, dict[str, float]]:
     """Total FLOPs of ``fn()`` and FLOPs per aten op."""
     from torch.utils.flop_counter import FlopCounterMode
@@ -288,6 +300,8 @@ def main() -> None:
                        "cpu_median_s": parts_res["times"][name]["cpu"]["median"],
                        "fraction_of_peak_cpu": f / parts_res["times"][name]["cpu"]["median"] / peak_cpu,
                        "fraction_of_peak_paired": paired_fraction(parts_res, name, f, probe_flops)}
+    together = parts_together(parts_res, list(parts_fn), sum(v["gflops"] for v in parts.values()) * 1e9,
+                              probe_flops, peak)
     with switched_off("prepack_convolutions", model):
         total_flops, per_op_flops = count_flops(timed["emclip (cpu-default)"])
     with switched_off("fold_batchnorm", enc):  # the hooks sit on the model's own convolutions (same FLOPs as the folded copy)
@@ -392,6 +406,7 @@ def main() -> None:
         "models": per_model,
         "ratios": res["ratios"],
         "emclip_parts": parts,
+        "emclip_parts_together": together,
         "emclip_flops_by_op": per_op_flops,
         "emclip_conv_flops": kinds,
         "emclip_conv_ms": conv_ms,
@@ -421,6 +436,8 @@ def main() -> None:
         print(f"  {name:14s} {r['gflops']:.3f} GFLOP {common.ms(r['median_s'])} -> {r['fraction_of_peak']:.2f} of peak "
               f"(best {common.ms(r['best_s'])} -> {r['fraction_of_peak_best']:.2f}; "
               f"paired {r['fraction_of_peak_paired']['median']:.2f})")
+    print(f"  parts together {common.ms(together['seconds']['median'])} -> {together['fraction_of_peak']:.2f} of peak "
+          f"(paired {together['fraction_of_peak_paired']['median']:.2f})")
     print(f"  conv FLOPs: {({k: round(v / 1e9, 3) for k, v in kinds.items()})} GFLOP; "
           f"conv time: {({k: round(v, 1) for k, v in conv_ms.items()})} ms")
     if faults is not None:

@@ -165,6 +165,10 @@ def main() -> None:
             f"{k} {v['gflops']:.2f} GFLOP in {ms(v['median_s'])} (best {ms(v.get('best_s'))}; "
             f"{v['fraction_of_peak']:.2f} / {v.get('fraction_of_peak_best', float('nan')):.2f} of peak)"
             for k, v in x["emclip_parts"].items()))
+        if "emclip_parts_together" in x:  # since session 9
+            t = x["emclip_parts_together"]
+            print(f"Parts timed alone, summed: {ms(t['seconds']['median'])}, "
+                  f"{t['fraction_of_peak']:.2f} of peak (paired {t['fraction_of_peak_paired']['median']:.2f}).")
         cf, ct = x["emclip_conv_flops"], x["emclip_conv_ms"]
         print(f"Convolutions: dense {cf.get('dense', 0) / 1e9:.2f} GFLOP in {ct.get('dense', 0):.1f} ms, "
               f"depthwise {cf.get('depthwise', 0) / 1e9:.3f} GFLOP in {ct.get('depthwise', 0):.1f} ms "
