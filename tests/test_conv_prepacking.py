@@ -130,3 +130,32 @@ def test_weights_are_reordered_again_when_the_thread_count_changes(cnn_encoder):
     finally:
         torch.set_num_threads(threads)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(first, again))
+
+
+class _ResidualBlock(nn.Module):
+    """conv -> ReLU -> conv, then ResNet's in-place ``x += shortcut`` and a ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1, self.act1 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+        self.conv2, self.act2 = nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv2(self.act1(self.conv1(x)))
+        out += x
+        return self.act2(out)
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_an_activation_after_an_in_place_residual_add_is_not_fused(inference_mode, caplog):
+    torch.manual_seed(0)
+    block = _ResidualBlock().eval()
+    x = torch.randn(1, 4, 8, 8)
+    with torch.inference_mode(inference_mode):  # segment() builds the copies in inference mode
+        packed, n = prepack_convolutions(block, lambda m: m(x))
+        assert n == 2 and packed is not block  # before: conv2 + act2 fused, outputs differed, copy dropped
+        assert {name: m.attr for name, m in packed.named_modules() if isinstance(m, PrepackedConv2d)} == {
+            "conv1": "relu", "conv2": "none"}
+        assert isinstance(packed.act2, nn.ReLU) and isinstance(packed.act1, nn.Identity)
+        assert torch.allclose(packed(x), block(x), rtol=1e-5, atol=1e-5)
+    assert "changed the outputs" not in caplog.text

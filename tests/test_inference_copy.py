@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 from emclip.nn.conv_prepacking import PrepackedConv2d, can_prepack
-from emclip.nn.inference_copy import flatten, submodules
+from emclip.nn.inference_copy import direct_feeds, flatten, submodules
 from torch import nn
 
 
@@ -107,3 +107,23 @@ def test_submodules_are_modules_without_the_names(tiny_model):
         assert len(walked) == len({id(x) for x in walked})  # each once, shared ones too
         assert {id(x) for x in walked} == {id(x) for x in module.modules()}
 
+
+
+class _ScalesItsInputInPlace(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.act = nn.Conv2d(2, 2, 1), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.mul_(2.0)  # allowed on an inference tensor only inside inference mode
+        return self.act(self.conv(x))
+
+
+def test_direct_feeds_gives_no_pairs_when_the_pass_cannot_leave_inference_mode():
+    m = _ScalesItsInputInPlace().eval()
+    is_conv, is_act = (lambda mod: isinstance(mod, nn.Conv2d)), (lambda mod: isinstance(mod, nn.ReLU))
+    plain = torch.randn(1, 2, 4, 4)
+    assert direct_feeds(m, lambda mod: mod(plain.clone()), is_conv, is_act) == [("conv", "act")]
+    with torch.inference_mode():
+        x = torch.randn(1, 2, 4, 4)
+        assert direct_feeds(m, lambda mod: mod(x), is_conv, is_act) == []

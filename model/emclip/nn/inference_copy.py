@@ -23,28 +23,37 @@ def direct_feeds(
     consumer: Callable[[nn.Module], bool],
 ) -> list[tuple[str, str]]:
     """``(producer name, consumer name)`` where a ``consumer`` module's input is exactly the output
-    of a ``producer`` module, found by running ``run(module)`` once. A producer called more than
-    once (shared weights) or feeding more than one consumer is left out: changing it would change
-    its other uses."""
+    of a ``producer`` module, unchanged, found by running ``run(module)`` once. A producer called
+    more than once (shared weights), feeding more than one consumer, or whose output was changed
+    in place before the consumer read it (ResNet's ``x += shortcut`` between ``conv2`` and
+    ``act2``) is left out: merging the pair would change the result.
+
+    The pass runs outside inference mode (without gradients), so that the tensors it makes keep
+    the version counters that show in-place changes. If ``run`` cannot run there (it changes an
+    inference-mode tensor in place), no pair is returned: the copies then keep every module."""
     names = {m: n for n, m in module.named_modules()}
-    produced: dict[int, tuple[str, torch.Tensor]] = {}  # the tensor is kept so its id is not reused
+    produced: dict[int, tuple[str, torch.Tensor, int]] = {}  # the tensor is kept so its id is not reused
     calls: dict[str, int] = {}
     pairs: list[tuple[str, str]] = []
 
     def after(m: nn.Module, _inp: Any, out: torch.Tensor) -> None:
-        produced[id(out)] = (names[m], out)
+        if isinstance(out, torch.Tensor) and not out.is_inference():
+            produced[id(out)] = (names[m], out, out._version)
         calls[names[m]] = calls.get(names[m], 0) + 1
 
     def before(m: nn.Module, inp: tuple[Any, ...]) -> None:
         src = produced.get(id(inp[0])) if inp else None
-        if src is not None and src[1] is inp[0]:
+        if src is not None and src[1] is inp[0] and inp[0]._version == src[2]:
             pairs.append((src[0], names[m]))
 
     hooks = [m.register_forward_hook(after) for m in module.modules() if producer(m)]
     hooks += [m.register_forward_pre_hook(before) for m in module.modules() if consumer(m)]
     try:
-        with torch.no_grad():
+        with torch.inference_mode(False), torch.no_grad():
             run(module)
+    except RuntimeError as exc:  # a bad input fails again, and is reported, where the copy is checked
+        log.debug("direct_feeds: %s cannot run outside inference mode (%s)", type(module).__name__, exc)
+        return []
     finally:
         for h in hooks:
             h.remove()
