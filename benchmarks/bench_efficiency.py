@@ -15,6 +15,7 @@ batch of 4; optional torch.compile and TorchScript freeze).
     python benchmarks/bench_efficiency.py                 # full run, ~4 min with --compile
     python benchmarks/bench_efficiency.py --compile       # + torch.compile variant (slow start)
     python benchmarks/bench_efficiency.py --freeze        # + torch.jit.freeze/optimize_for_inference
+    python benchmarks/bench_efficiency.py --towers resnet18 resnet10t   # + dense-convolution towers
     python benchmarks/bench_efficiency.py --quick         # smoke test
 """
 
@@ -193,6 +194,9 @@ def main() -> None:
     p.add_argument("--freeze", action="store_true",
                    help="add a TorchScript variant: trace, torch.jit.freeze (folds BatchNorm into the "
                         "convolutions), optimize_for_inference (oneDNN layouts, fused conv+activation)")
+    p.add_argument("--towers", nargs="*", default=[], metavar="TIMM_NAME",
+                   help="also time EM-CLIP with these timm image towers (random weights, timing only), "
+                        "e.g. resnet18 resnet10t: dense-convolution towers beside the default's depthwise one")
     p.add_argument("--no-variants", action="store_true", help="skip the bf16 / batch-4 variants")
     p.add_argument("--settle", type=int, default=1,
                    help="untimed calls of a model right before each timed one (default 1), so each is timed in "
@@ -219,6 +223,8 @@ def main() -> None:
     models = {"emclip (cpu-default)": model, "unet-baseline": common.unet_model()}
     if not args.quick:
         models["vit-b-16 @256"] = common.vit_b16_model(size)
+    for name in args.towers:
+        models[f"emclip, {name} tower (random)"] = common.tower_variant_model(name)
 
     torch.manual_seed(0)
     x = torch.randn(1, 3, size, size)

@@ -159,6 +159,20 @@ def vit_b16_model(image_size: int = 256):
         return create_model(cfg, pretrained=False).eval()
 
 
+def tower_variant_model(timm_name: str):
+    """The default EM-CLIP with another timm image tower, random weights (timing only; the text
+    tower is seeded as in the default, which needs no network)."""
+    import torch
+    from emclip.config import load_config
+    from emclip.factory import create_model
+
+    cfg = load_config("cpu-default", overrides={"image_encoder.vision_cfg.timm_model_name": timm_name,
+                                                "image_encoder.pretrained": None, "image_encoder.frozen_stages": 0})
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return create_model(cfg, pretrained=True).eval()
+
+
 def unet_model():
     """The same-budget U-Net baseline (seeded image tower)."""
     from emclip.factory import create_model

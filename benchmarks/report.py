@@ -165,6 +165,14 @@ def main() -> None:
             f"{k} {v['gflops']:.2f} GFLOP in {ms(v['median_s'])} (best {ms(v.get('best_s'))}; "
             f"{v['fraction_of_peak']:.2f} / {v.get('fraction_of_peak_best', float('nan')):.2f} of peak)"
             for k, v in x["emclip_parts"].items()))
+        towers = {k: v for k, v in x["models"].items() if k.endswith("tower (random)")}  # --towers
+        if towers:
+            print("\nOther image towers (random weights, timing only; one image, 256 px):\n")
+            print("| Model | GFLOP | forward | fraction of peak (median; paired) |")
+            print("|---|---|---|---|")
+            for k, v in {"emclip (cpu-default)": x["models"]["emclip (cpu-default)"], **towers}.items():
+                paired = v.get("fraction_of_peak_paired", {}).get("median", float("nan"))
+                print(f"| {k} | {v['gflops']:.2f} | {ms(v['seconds']['median'])} | {v['fraction_of_peak']:.2f}; {paired:.2f} |")
         if "emclip_parts_together" in x:  # since session 9
             t = x["emclip_parts_together"]
             print(f"Parts timed alone, summed: {ms(t['seconds']['median'])}, "
