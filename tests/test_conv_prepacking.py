@@ -159,3 +159,30 @@ def test_an_activation_after_an_in_place_residual_add_is_not_fused(inference_mod
         assert isinstance(packed.act2, nn.ReLU) and isinstance(packed.act1, nn.Identity)
         assert torch.allclose(packed(x), block(x), rtol=1e-5, atol=1e-5)
     assert "changed the outputs" not in caplog.text
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+@pytest.mark.parametrize("size", [(8, 8), (9, 8), (7, 10)])
+def test_depthwise_same_padding_needs_no_padded_copy_and_changes_no_bit(kernel, size, monkeypatch):
+    from timm.layers import create_conv2d
+
+    torch.manual_seed(0)
+    depthwise = create_conv2d(6, 6, kernel, stride=2, padding="same", depthwise=True).eval()
+    dense = create_conv2d(6, 4, kernel, stride=2, padding="same").eval()
+    assert type(depthwise).__name__ == type(dense).__name__ == "Conv2dSame"
+    x = torch.randn(2, 6, *size).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        want_depthwise, want_dense = depthwise(x), dense(x)  # timm pads a copy, then convolves
+    pads = []
+    real_pad = torch.nn.functional.pad
+    monkeypatch.setattr(conv_prepacking.F, "pad", lambda t, p, *a, **k: pads.append(p) or real_pad(t, p, *a, **k))
+    with torch.no_grad():
+        zero_taps = PrepackedConv2d(depthwise)(x)
+        assert pads == []  # the kernel got zero taps instead
+        assert torch.allclose(zero_taps, want_depthwise, rtol=1e-5, atol=1e-5)
+        copied = PrepackedConv2d(depthwise)
+        copied.depthwise = False  # the padded-copy path, as dense convolutions run
+        assert torch.equal(copied(x), zero_taps)  # same sums in the same order
+        assert len(pads) == 1
+        assert torch.allclose(PrepackedConv2d(dense)(x), want_dense, rtol=1e-5, atol=1e-5)
+        assert len(pads) == 2  # dense convolutions keep the copy (oneDNN is slower with the wider kernel)
