@@ -127,3 +127,14 @@ def test_direct_feeds_gives_no_pairs_when_the_pass_cannot_leave_inference_mode()
     with torch.inference_mode():
         x = torch.randn(1, 2, 4, 4)
         assert direct_feeds(m, lambda mod: mod(x), is_conv, is_act) == []
+
+
+@pytest.mark.parametrize("inference_mode", [False, True])
+def test_a_bad_first_input_raises_and_the_next_call_still_gets_the_folded_prepacked_copy(cnn_encoder, inference_mode):
+    enc = cnn_encoder
+    with torch.inference_mode() if inference_mode else torch.no_grad():  # folding needs no gradients
+        with pytest.raises(RuntimeError):
+            enc(torch.randn(1, 4, 64, 64))  # four channels: the stem refuses them
+        assert enc._folded._current is None  # nothing was cached for the bad input
+        enc(torch.randn(1, 3, 64, 64))
+    assert enc._folded.folded > 40 and enc._folded.prepacked > 40

@@ -29,8 +29,9 @@ def direct_feeds(
     ``act2``) is left out: merging the pair would change the result.
 
     The pass runs outside inference mode (without gradients), so that the tensors it makes keep
-    the version counters that show in-place changes. If ``run`` cannot run there (it changes an
-    inference-mode tensor in place), no pair is returned: the copies then keep every module."""
+    the version counters that show in-place changes. If ``run`` cannot run there but runs in the
+    caller's mode (it changes an inference-mode tensor in place), no pair is returned: the copies
+    then keep every module. Errors that ``run`` raises in both modes (a bad input) propagate."""
     names = {m: n for n, m in module.named_modules()}
     produced: dict[int, tuple[str, torch.Tensor, int]] = {}  # the tensor is kept so its id is not reused
     calls: dict[str, int] = {}
@@ -51,7 +52,9 @@ def direct_feeds(
     try:
         with torch.inference_mode(False), torch.no_grad():
             run(module)
-    except RuntimeError as exc:  # a bad input fails again, and is reported, where the copy is checked
+    except RuntimeError as exc:
+        with torch.no_grad():  # in the caller's mode: a bad input raises here too, for the caller
+            run(module)
         log.debug("direct_feeds: %s cannot run outside inference mode (%s)", type(module).__name__, exc)
         return []
     finally:
