@@ -42,24 +42,27 @@ def matmul_probe(n: int):
     return (lambda: torch.mm(a, b, out=c)), 2.0 * n**3
 
 
+def paired(seconds: list[float], res: dict, flops: float, probe_flops: float) -> dict:
+    """Per round: (``flops`` / that round's ``seconds``) / (the probe's FLOP/s in the same round);
+    :func:`common.summary` of those ratios. Slow phases of a shared machine slow the probe too,
+    so they cancel out."""
+    probes = res["times"][PROBE]["samples"]
+    return common.summary([(flops / t) / (probe_flops / tp) for t, tp in zip(seconds, probes)])
+
+
 def paired_fraction(res: dict, name: str, flops: float, probe_flops: float, per_call: float = 1.0) -> dict:
-    """Per round: (``flops`` x ``per_call`` / the call's time) / (the probe's FLOP/s in the same
-    round); :func:`common.summary` of those ratios. Slow phases of a shared machine slow the
-    probe too, so they cancel out."""
-    calls, probes = res["times"][name]["samples"], res["times"][PROBE]["samples"]
-    return common.summary([(flops * per_call / t) / (probe_flops / tp) for t, tp in zip(calls, probes)])
+    """:func:`paired` for the variant ``name`` of ``res``, whose calls each do ``per_call`` forwards."""
+    return paired(res["times"][name]["samples"], res, flops * per_call, probe_flops)
 
 
 def parts_together(res: dict, names: list[str], flops: float, probe_flops: float, peak: float) -> dict:
     """The parts of the forward, each timed alone in its own steady state, summed per round.
     Beside the whole forward it shows what running them one after the other costs (caches,
     allocation, the calls between them)."""
-    rounds = list(zip(*(res["times"][n]["samples"] for n in names)))
-    probes = res["times"][PROBE]["samples"]
-    seconds = common.summary([sum(r) for r in rounds])
+    sums = [sum(r) for r in zip(*(res["times"][n]["samples"] for n in names))]
+    seconds = common.summary(sums)
     return {"gflops": flops / 1e9, "seconds": seconds, "fraction_of_peak": flops / seconds["median"] / peak,
-            "fraction_of_peak_paired": common.summary([(flops / sum(r)) / (probe_flops / tp)
-                                                       for r, tp in zip(rounds, probes)])}
+            "fraction_of_peak_paired": paired(sums, res, flops, probe_flops)}
 
 
 def count_flops(fn) -> tuple[float, dict[str, float]]:

@@ -147,30 +147,30 @@ def timing_model(source: str | None = None, name: str = "cpu-default"):
     return create_model(name, pretrained=True).eval(), f"create_model({name!r}, pretrained=True)"
 
 
-def vit_b16_model(image_size: int = 256):
-    """The CLIP ViT-B/16 configuration at ``image_size`` with random weights (timing only)."""
+def _seeded_model(name: str, overrides: dict[str, Any], pretrained: bool):
+    """``create_model`` of the bundled config ``name`` with ``overrides``, its random weights drawn
+    from seed 0 without touching the caller's random state (timing only)."""
     import torch
     from emclip.config import load_config
     from emclip.factory import create_model
 
-    cfg = load_config("vit-b-16", overrides={"image_size": image_size})
+    cfg = load_config(name, overrides=overrides)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        return create_model(cfg, pretrained=False).eval()
+        return create_model(cfg, pretrained=pretrained).eval()
+
+
+def vit_b16_model(image_size: int = 256):
+    """The CLIP ViT-B/16 configuration at ``image_size`` with random weights (timing only)."""
+    return _seeded_model("vit-b-16", {"image_size": image_size}, pretrained=False)
 
 
 def tower_variant_model(timm_name: str):
     """The default EM-CLIP with another timm image tower, random weights (timing only; the text
     tower is seeded as in the default, which needs no network)."""
-    import torch
-    from emclip.config import load_config
-    from emclip.factory import create_model
-
-    cfg = load_config("cpu-default", overrides={"image_encoder.vision_cfg.timm_model_name": timm_name,
-                                                "image_encoder.pretrained": None, "image_encoder.frozen_stages": 0})
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return create_model(cfg, pretrained=True).eval()
+    return _seeded_model("cpu-default", {"image_encoder.vision_cfg.timm_model_name": timm_name,
+                                         "image_encoder.pretrained": None, "image_encoder.frozen_stages": 0},
+                         pretrained=True)
 
 
 def unet_model():

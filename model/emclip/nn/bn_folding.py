@@ -89,10 +89,7 @@ def tower_state(module: nn.Module) -> tuple[bool, tuple]:
     key: list[tuple] = []
     for m in submodules(module):
         training = training or m.training
-        for t in m._parameters.values():
-            if t is not None:
-                key.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
-        for t in m._buffers.values():
+        for t in (*m._parameters.values(), *m._buffers.values()):
             if t is not None:
                 key.append((id(t), t.data_ptr(), 0 if t.is_inference() else t._version))
     return training, tuple(key)
